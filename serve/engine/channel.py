@@ -13,7 +13,7 @@ import collections
 import sys
 from collections.abc import Callable, Iterator
 
-from serve.engine.request import EngineError, PrefillEvent, TokenEvent, Timings
+from serve.engine.request import EngineError, PrefillEvent, Timings, TokenEvent
 
 Event = TokenEvent | PrefillEvent
 

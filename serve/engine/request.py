@@ -143,3 +143,34 @@ class Timings:
     prefill_start: float | None = None
     first_token: float | None = None
     finished: float | None = None
+
+
+class RequestState:
+    """The engine's side of one request: its handle, its status and its sequences' bookkeeping."""
+
+    def __init__(self, request: GenerationRequest, handle):
+        self.request = request
+        self.handle = handle
+        self.status = RequestStatus.WAITING
+        self.unfinished = request.params.n
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def n(self) -> int:
+        return self.request.params.n
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Worst-case cache tokens of all its sequences (what admission budgets against)."""
+        return (self.prompt_len + self.params.max_new_tokens) * self.n
+
+    @property
+    def active(self) -> bool:
+        return self.status in (RequestStatus.WAITING, RequestStatus.RUNNING)

@@ -1,0 +1,118 @@
+"""Admission under token budgets: who is prefilled next, and the budgets themselves."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_TOKENS = 4096  # TGI's default for MAX_BATCH_PREFILL_TOKENS
+CPU_MEMORY_FRACTION = 0.3  # of free RAM given to the KV cache on CPU (the rest: weights, activations)
+GPU_MEMORY_FRACTION = 0.8  # of free device memory after the weights are loaded
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Budgets and limits. Build it with `from_model` to size the unset ones from the hardware."""
+
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_concurrent_requests: int = 128
+    max_batch_size: int | None = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        max_batch_prefill_tokens: int | None = None,
+        max_batch_total_tokens: int | None = None,
+        max_concurrent_requests: int = 128,
+        max_input_tokens: int | None = None,
+        max_total_tokens: int | None = None,
+        max_batch_size: int | None = None,
+    ) -> EngineConfig:
+        """Fill unset values from the model's context length and free memory (SPEC section 2)."""
+        context = context_length(model)
+        total = min(max_total_tokens or context, context)
+        inp = max_input_tokens or total - 1
+        if inp >= total:
+            raise ValueError(f"MAX_INPUT_TOKENS ({inp}) must be less than MAX_TOTAL_TOKENS ({total})")
+        prefill = max_batch_prefill_tokens or max(DEFAULT_PREFILL_TOKENS, inp)
+        if prefill < inp:
+            raise ValueError(f"MAX_BATCH_PREFILL_TOKENS ({prefill}) must be >= MAX_INPUT_TOKENS ({inp})")
+        batch_total = max_batch_total_tokens or kv_token_budget(model)
+        if batch_total < total:
+            raise ValueError(f"MAX_BATCH_TOTAL_TOKENS ({batch_total}) must be >= MAX_TOTAL_TOKENS ({total})")
+        return cls(prefill, batch_total, inp, total, max_concurrent_requests, max_batch_size)
+
+
+def context_length(model) -> int:
+    """The longest sequence the model was trained for."""
+    cfg = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token occupies across all layers."""
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = torch.finfo(model.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where the cache will live."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * GPU_MEMORY_FRACTION)
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages * CPU_MEMORY_FRACTION)
+
+
+def kv_token_budget(model) -> int:
+    """MAX_BATCH_TOTAL_TOKENS sized from free memory."""
+    device = next(model.parameters()).device
+    budget = free_memory_bytes(device) // kv_bytes_per_token(model)
+    log.info("KV cache budget: %d tokens (%d bytes per token)", budget, kv_bytes_per_token(model))
+    return int(budget)
+
+
+class Scheduler:
+    """FIFO admission: newcomers join while the prefill and total-token budgets allow."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+
+    def admit(self, waiting: deque, reserved_tokens: int, running_rows: int) -> list:
+        """Pop from `waiting` the requests to prefill now.
+
+        `reserved_tokens`: the worst-case tokens (prompt + max new, per sequence) of running rows.
+        A prefill is padded to its longest prompt, so its cost is rows x longest.
+        """
+        cfg = self.config
+        admitted: list = []
+        width = rows = 0
+        while waiting:
+            req = waiting[0]
+            new_width = max(width, req.prompt_len)
+            if admitted and new_width * (len(admitted) + 1) > cfg.max_batch_prefill_tokens:
+                break
+            if reserved_tokens + req.reserved_tokens > cfg.max_batch_total_tokens and (running_rows or admitted):
+                break
+            if cfg.max_batch_size and running_rows + rows + req.n > cfg.max_batch_size and (running_rows or admitted):
+                break
+            admitted.append(waiting.popleft())
+            width, rows = new_width, rows + req.n
+            reserved_tokens += req.reserved_tokens
+        return admitted
