@@ -1,0 +1,46 @@
+"""Render chat messages into prompt token ids with the tokenizer's own chat template.
+
+The template already writes the model's special tokens (BOS, role markers), so the rendered text
+is tokenized without adding special tokens a second time. `CHAT_TEMPLATE` overrides or supplies a
+template for models that ship none (SPEC section 4, **beyond** TGI).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from serve.protocol.errors import template_error
+
+log = logging.getLogger(__name__)
+
+
+def has_template(tokenizer: Any, override: str | None = None) -> bool:
+    """True when messages can be rendered (the tokenizer has a template, or one is configured)."""
+    return bool(override or getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], override: str | None = None) -> str:
+    """The prompt text for `messages`, ending with the assistant's generation prompt.
+
+    Raises a 422 `template_error` ApiError when there is no template or the template raises
+    (many templates raise on purpose, e.g. "Conversation roles must alternate").
+    """
+    if not has_template(tokenizer, override):
+        raise template_error("template not found")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=override, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # jinja2 errors, raise_exception() calls in templates, bad roles
+        log.debug("chat template failed", exc_info=True)
+        raise template_error(str(exc) or type(exc).__name__) from exc
+    if not isinstance(text, str):  # some tokenizers return a list when given a batch
+        text = text[0]
+    return text
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]], override: str | None = None) -> list[int]:
+    """Render and tokenize without adding special tokens again (the template wrote them)."""
+    text = render(tokenizer, messages, override)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,1 @@
+"""Handlers: a validated request -> engine request -> answer in the protocol's shape."""

@@ -1,0 +1,1 @@
+"""Request/response schemas: TGI generate, OpenAI chat/completions, and the error shapes."""

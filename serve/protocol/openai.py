@@ -1,0 +1,172 @@
+"""OpenAI chat completions and legacy completions: request schemas (SPEC section 4).
+
+Lenient like OpenAI's own server: unknown fields are ignored (and logged at debug level by the
+handler). `tools`, `tool_choice` and JSON `response_format` modes are refused with a 422 that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+
+from serve.protocol.errors import validation
+
+log = logging.getLogger(__name__)
+
+
+class ContentPart(BaseModel):
+    """One part of a message's `content` list; only `text` parts reach a text-only model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A message; `content` is a string or a list of parts (joined with no separator)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The text of this message; 422 for image or audio parts."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.type != "text":
+                raise validation(
+                    f"Input validation error: content parts of type `{part.type}` are not supported by this "
+                    "text-only model; send `text` parts",
+                    "messages",
+                )
+            pieces.append(part.text or "")
+        return "".join(pieces)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat completions and legacy completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[StrictStr] = Field(default_factory=list)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_may_be_a_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else ([] if value is None else value)
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop sequences must not be empty strings")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0:
+                raise ValueError(f"token id {token} is negative")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} for token {token} is outside -100..100")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST body of chat completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` requires `logprobs` to be true")
+        if self.tools:
+            raise ValueError("`tools` are not supported by this server yet")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("`tool_choice` is not supported by this server yet")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"`response_format` type `{kind}` is not supported yet; only `text` is")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        """`max_completion_tokens` (the new name) wins over `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    """POST body of legacy completions; `prompt` is text, texts, token ids or lists of token ids."""
+
+    prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("`suffix` (fill-in-the-middle) is not supported by this model")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("`best_of` must be greater than or equal to `n`")
+        if self.stream and self.best_of and self.best_of > self.n:
+            raise ValueError("`best_of` > `n` cannot be streamed")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("`prompt` must not be an empty list")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+def unknown_fields(model: type[BaseModel], body: dict[str, Any]) -> list[str]:
+    """Top-level keys the schema ignores (logged at debug level, as SPEC asks)."""
+    return sorted(set(body) - set(model.model_fields))
