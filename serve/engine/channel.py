@@ -28,35 +28,56 @@ def _original(module: str, name: str):
 
 
 def _in_gevent_hub_thread() -> bool:
-    """True when the caller runs in a thread whose blocking calls must go through a gevent hub."""
+    """True when the caller runs under a gevent hub in a monkey-patched process (a greenlet)."""
     if "gevent" not in sys.modules:
         return False
     from gevent import monkey
+    from gevent._hub_local import get_hub_if_exists
 
-    if not monkey.is_module_patched("threading"):
-        return False
-    get_ident = _original("_thread", "get_ident")
-    main_ident = _original("threading", "main_thread")().ident
-    return get_ident() == main_ident
+    # A plain OS thread (the engine's, a test's) has no hub; blocking it on a lock is fine.
+    return monkey.is_module_patched("threading") and get_hub_if_exists() is not None
+
+
+class OSEvent:
+    """An auto-reset event made of raw `_thread` locks.
+
+    threading.Condition/Event are unusable here even "unpatched": under gevent's monkey-patching
+    the stdlib classes allocate their inner locks through the patched module, i.e. gevent locks.
+    """
+
+    def __init__(self) -> None:
+        allocate = _original("_thread", "allocate_lock")
+        self._mutex = allocate()
+        self._gate = allocate()
+        self._gate.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        with self._mutex:
+            if not self._set:
+                self._set = True
+                self._gate.release()
+
+    def wait(self, timeout: float = -1) -> bool:
+        """Block until `set` (or the timeout); consumes the signal."""
+        if not self._gate.acquire(timeout=timeout):
+            return False
+        with self._mutex:
+            self._set = False
+        return True
 
 
 class _ThreadWaker:
-    """Blocks an OS thread on an unpatched condition variable."""
+    """Blocks a plain OS thread until the engine calls `notify`."""
 
     def __init__(self) -> None:
-        self._cond = _original("threading", "Condition")(_original("threading", "Lock")())
-        self._flag = False
+        self._event = OSEvent()
 
     def notify(self) -> None:
-        with self._cond:
-            self._flag = True
-            self._cond.notify_all()
+        self._event.set()
 
     def wait(self) -> None:
-        with self._cond:
-            while not self._flag:
-                self._cond.wait()
-            self._flag = False
+        self._event.wait()
 
     def close(self) -> None:
         pass

@@ -17,7 +17,7 @@ import time
 import torch
 
 from serve.engine.batch import KVBatch, new_cache
-from serve.engine.channel import RequestHandle, _original
+from serve.engine.channel import OSEvent, RequestHandle, _original
 from serve.engine.detokenize import TokenTexts
 from serve.engine.request import (
     EngineOverloaded,
@@ -65,8 +65,10 @@ class Engine:
         self.token_text = TokenTexts(tokenizer)
         self.scheduler = Scheduler(config)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-        lock = _original("threading", "Lock")()
-        self._cond = _original("threading", "Condition")(lock)
+        # Raw locks only: this object is shared between a real OS thread and gevent greenlets.
+        self._lock = _original("_thread", "allocate_lock")()
+        self._wake = OSEvent()
+        self._exited = OSEvent()
         self._waiting: collections.deque[RequestState] = collections.deque()
         self._cancelled: set[str] = set()
         self._requests: dict[str, RequestState] = {}
@@ -85,10 +87,9 @@ class Engine:
     # -- public API -------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the decode loop on a real OS thread."""
-        thread_cls = _original("threading", "Thread")
-        self._thread = thread_cls(target=self._run, name="engine", daemon=True)
+        # `threading.Thread`, even the original class, would start a greenlet under monkey-patching.
         self.healthy = True
-        self._thread.start()
+        self._thread = _original("_thread", "start_new_thread")(self._run, ())
 
     def warmup(self, timeout: float = 300.0) -> None:
         """Push one tiny request through prefill and decode (and fail loudly if that breaks)."""
@@ -106,7 +107,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises ValueError (bad input), EngineOverloaded or EngineUnavailable."""
         self._validate(request)
-        with self._cond:
+        with self._lock:
             if not self.healthy or self._draining or self._stopping:
                 raise EngineUnavailable(self.error or "the engine is not accepting requests")
             if len(self._requests) >= self.config.max_concurrent_requests:
@@ -117,14 +118,14 @@ class Engine:
             state = RequestState(request, handle)
             self._requests[request.request_id] = state
             self._waiting.append(state)
-            self._cond.notify()
+        self._wake.set()
         return handle
 
     def cancel(self, request_id: str) -> None:
         """Drop a request at the next step (its rows leave the batch then)."""
-        with self._cond:
+        with self._lock:
             self._cancelled.add(request_id)
-            self._cond.notify()
+        self._wake.set()
 
     def drain(self) -> None:
         """Refuse new requests; those in flight finish."""
@@ -132,11 +133,10 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still in flight fail."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._stopping = True
+        self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._exited.wait(timeout)
 
     @property
     def batch_size(self) -> int:
@@ -176,23 +176,22 @@ class Engine:
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                while True:
-                    with self._cond:
-                        while not (self._waiting or self._rows or self._cancelled or self._stopping):
-                            self._cond.wait()
-                        if self._stopping:
-                            break
-                    self.step()
+                while not self._stopping:
+                    if self._waiting or self._rows or self._cancelled:
+                        self.step()
+                    else:
+                        self._wake.wait()  # submit/cancel/shutdown set it: no polling
         except BaseException as exc:  # the loop itself broke: nothing can be served any more
             log.exception("engine loop failed")
             self.error = f"engine failure: {exc!r}"
             self.healthy = False
         self._fail_all(self.error or "the engine stopped")
+        self._exited.set()
 
     def step(self) -> None:
         """One iteration: schedule (cancellations, admission), prefill newcomers, decode all rows."""
         self._apply_cancellations()
-        with self._cond:
+        with self._lock:
             admitted = self.scheduler.admit(self._waiting, self._reserved, self.batch_size)
         if admitted:
             self._prefill(admitted)
@@ -201,7 +200,7 @@ class Engine:
         self.steps += 1
 
     def _apply_cancellations(self) -> None:
-        with self._cond:
+        with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
             if not cancelled:
                 return
@@ -399,7 +398,7 @@ class Engine:
             self._reserved -= req.reserved_tokens
         req.status = status
         req.handle.timings.finished = time.monotonic()
-        with self._cond:
+        with self._lock:
             self._requests.pop(req.request.request_id, None)
         if status is not RequestStatus.FAILED:
             req.handle.close()
@@ -410,7 +409,7 @@ class Engine:
             req.handle.fail(RuntimeError(message))
 
     def _fail_all(self, message: str) -> None:
-        with self._cond:
+        with self._lock:
             pending = list(self._requests.values())
             self._waiting.clear()
         for req in pending:
