@@ -10,6 +10,7 @@ from typing import Any
 
 from serve import chat_template
 from serve.engine.request import FinishInfo, FinishReason, GenerationRequest, PrefillEvent, SamplingParams
+from serve.engine.stopping import holdback_length
 from serve.handlers import common
 from serve.handlers.runtime import Runtime
 from serve.protocol import errors
@@ -149,7 +150,7 @@ class ChatStream:
         if ev.finish is not None:
             yield from self.on_finish(i, ev.finish)
             return
-        safe = len(self.text[i]) - common.hold_back(self.text[i], self.req.stop)
+        safe = len(self.text[i]) - holdback_length(self.text[i], self.req.stop)
         if safe > self.sent[i]:
             delta = self.text[i][self.sent[i] : safe]
             self.sent[i] = safe

@@ -180,13 +180,3 @@ def parse(schema: Any, body: Any) -> Any:
     except ValidationError as exc:
         raise errors.from_pydantic(exc) from None
 
-
-def hold_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` could still become a stop string (not safe to send)."""
-    keep = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), keep, -1):
-            if stop.startswith(text[-k:]):
-                keep = k
-                break
-    return keep

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from serve.engine.request import GenerationRequest, PrefillEvent
+from serve.engine.stopping import holdback_length
 from serve.handlers import common
 from serve.handlers.chat import FINGERPRINT, check_stop_count, content_of, finish_reason, openai_params, usage
 from serve.handlers.runtime import Runtime
@@ -129,7 +130,7 @@ def _stream(handles: list[tuple[Any, int, str]], req: proto.CompletionRequest, m
                     final = content_of(ev.finish)
                     upto, reason = len(final), finish_reason(ev.finish)
                 else:
-                    final, upto, reason = texts[j], len(texts[j]) - common.hold_back(texts[j], req.stop), None
+                    final, upto, reason = texts[j], len(texts[j]) - holdback_length(texts[j], req.stop), None
                 delta = final[sent[j] : upto]
                 sent[j] = max(sent[j], upto)
                 if delta or reason:
