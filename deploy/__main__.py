@@ -1,0 +1,5 @@
+"""`python -m deploy`: the deploy CLI."""
+
+from deploy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The endpoint lifecycle with boto3: model -> endpoint config -> endpoint, update in place, wait, smoke test.
+
+Models and endpoint configs are immutable in SageMaker, so every deploy makes a new pair with a
+timestamp suffix; an existing endpoint is switched to the new config with UpdateEndpoint (no
+downtime: SageMaker brings the new fleet up before draining the old), and the superseded pair is
+deleted once the endpoint is InService again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import botocore.exceptions as bce
+
+from deploy import autoscaling
+from deploy.errors import DeployError
+from deploy.model_artifacts import ModelData
+from deploy.progress import Progress, log
+from deploy.session import Aws, step
+from deploy.state import DeploymentState, tags_for
+
+DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"
+TERMINAL_FAILURES = {"Failed", "OutOfService", "UpdateRollbackFailed"}
+
+
+@dataclass
+class EndpointSpec:
+    """Everything one deployment of the container needs."""
+
+    name: str
+    image_uri: str
+    role_arn: str
+    instance_type: str = DEFAULT_INSTANCE_TYPE
+    instance_count: int = 1
+    variant: str = "AllTraffic"
+    model_data: ModelData | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    # An LLM takes minutes to download and load; SageMaker's defaults assume small models.
+    startup_timeout: int = 600
+    download_timeout: int = 1200
+
+
+def build_environment(oai_enabled: str | None = None, hf_model_id: str | None = None,
+                      num_gpus: int | None = None, limits: dict[str, int | None] | None = None,
+                      extra: list[str] | None = None) -> dict[str, str]:
+    """The container environment: the named settings, then KEY=VALUE pairs (which win)."""
+    env: dict[str, str] = {}
+    if oai_enabled is not None:
+        env["OAI_ENABLED"] = oai_enabled
+    if hf_model_id:
+        env["HF_MODEL_ID"] = hf_model_id
+    if num_gpus is not None:
+        env["SM_NUM_GPUS"] = str(num_gpus)
+    env.update({key: str(value) for key, value in (limits or {}).items() if value is not None})
+    for pair in extra or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DeployError(f"--env expects KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def container_definition(spec: EndpointSpec) -> dict[str, Any]:
+    """The PrimaryContainer of the SageMaker model."""
+    container: dict[str, Any] = {"Image": spec.image_uri, "Environment": dict(spec.environment)}
+    if spec.model_data is not None:
+        container.update(spec.model_data.container_fields())
+    return container
+
+
+def production_variant(spec: EndpointSpec, model_name: str) -> dict[str, Any]:
+    """The one production variant of the endpoint config."""
+    return {
+        "VariantName": spec.variant, "ModelName": model_name, "InitialInstanceCount": spec.instance_count,
+        "InstanceType": spec.instance_type, "InitialVariantWeight": 1.0,
+        "ContainerStartupHealthCheckTimeoutInSeconds": spec.startup_timeout,
+        "ModelDataDownloadTimeoutInSeconds": spec.download_timeout,
+    }
+
+
+def versioned_name(base: str) -> str:
+    """base-YYYYmmdd-HHMMSS-mmm, within SageMaker's 63 characters."""
+    now = datetime.now(timezone.utc)
+    return f"{base[:40]}-{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}"
+
+
+def describe_endpoint(aws: Aws, name: str) -> dict[str, Any] | None:
+    """The endpoint's description, or None when it does not exist."""
+    try:
+        return aws.client("sagemaker").describe_endpoint(EndpointName=name)
+    except bce.ClientError as exc:
+        if "Could not find endpoint" in exc.response.get("Error", {}).get("Message", ""):
+            return None
+        raise
+
+
+def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 15.0) -> dict[str, Any]:
+    """Poll until the endpoint is InService, showing a progress line; DeployError if it fails."""
+    progress = Progress(f"endpoint {name}")
+    deadline = time.monotonic() + timeout
+    while True:
+        with step(f"describe endpoint {name}"):
+            desc = describe_endpoint(aws, name)
+        if desc is None:
+            raise DeployError(f"endpoint {name} disappeared while waiting for it")
+        status = desc["EndpointStatus"]
+        if status == "InService":
+            progress.done("InService")
+            return desc
+        if status in TERMINAL_FAILURES:
+            progress.done(status)
+            raise DeployError(f"endpoint {name} is {status}: {desc.get('FailureReason', 'no reason given')} "
+                              f"(CloudWatch log group /aws/sagemaker/Endpoints/{name} has the container's log)")
+        if time.monotonic() > deadline:
+            raise DeployError(f"endpoint {name} still {status} after {timeout:.0f} s")
+        progress.update(status)
+        time.sleep(poll)
+
+
+def create_model_and_config(aws: Aws, spec: EndpointSpec, state: DeploymentState) -> tuple[str, str]:
+    """Create a new model and endpoint config for `spec`, both tagged and recorded."""
+    sm = aws.client("sagemaker")
+    model_name, config_name = versioned_name(spec.name), versioned_name(spec.name)
+    with step(f"create model {model_name}"):
+        sm.create_model(ModelName=model_name, ExecutionRoleArn=spec.role_arn,
+                        PrimaryContainer=container_definition(spec), Tags=tags_for(state.name))
+    state.add("model", model_name)
+    with step(f"create endpoint config {config_name}"):
+        sm.create_endpoint_config(EndpointConfigName=config_name, Tags=tags_for(state.name),
+                                  ProductionVariants=[production_variant(spec, model_name)])
+    state.add("endpoint-config", config_name, model=model_name)
+    log(f"created model {model_name} and endpoint config {config_name}")
+    return model_name, config_name
+
+
+def _update(aws: Aws, spec: EndpointSpec, existing: dict[str, Any], config_name: str,
+            wait_timeout: float, poll: float) -> dict[str, Any]:
+    old_config = aws.client("sagemaker").describe_endpoint_config(EndpointConfigName=existing["EndpointConfigName"])
+    old_types = {v["VariantName"]: v.get("InstanceType") for v in old_config["ProductionVariants"]}
+    # Application Auto Scaling refuses an update that changes a scaled variant's instance type.
+    must_suspend = old_types.get(spec.variant) not in (None, spec.instance_type)
+    with autoscaling.suspended(aws, spec.name, spec.variant, active=must_suspend):
+        with step(f"update endpoint {spec.name}"):
+            aws.client("sagemaker").update_endpoint(EndpointName=spec.name, EndpointConfigName=config_name)
+        log(f"updating endpoint {spec.name} to {config_name}")
+        return wait_for_endpoint(aws, spec.name, wait_timeout, poll)
+
+
+def deploy(aws: Aws, spec: EndpointSpec, state: DeploymentState, wait_timeout: float = 3600,
+           poll: float = 15.0) -> dict[str, Any]:
+    """Create the endpoint, or update it in place when this deployment already made it."""
+    with step(f"describe endpoint {spec.name}"):
+        existing = describe_endpoint(aws, spec.name)
+    if existing is not None and not state.find("endpoint", spec.name):
+        raise DeployError(f"endpoint {spec.name} exists but was not created by this deployment "
+                          f"(no record in {state.path}); pick another --name")
+    _, config_name = create_model_and_config(aws, spec, state)
+    if existing is None:
+        with step(f"create endpoint {spec.name}"):
+            aws.client("sagemaker").create_endpoint(EndpointName=spec.name, EndpointConfigName=config_name,
+                                                    Tags=tags_for(state.name))
+        state.add("endpoint", spec.name)
+        log(f"creating endpoint {spec.name}")
+        desc = wait_for_endpoint(aws, spec.name, wait_timeout, poll)
+    else:
+        desc = _update(aws, spec, existing, config_name, wait_timeout, poll)
+    retire_superseded(aws, state, keep_config=desc["EndpointConfigName"])
+    return desc
+
+
+def retire_superseded(aws: Aws, state: DeploymentState, keep_config: str) -> None:
+    """Delete the endpoint configs and models of this deployment that the endpoint no longer uses."""
+    sm = aws.client("sagemaker")
+    keep_model = next((r.details.get("model") for r in state.find("endpoint-config", keep_config)), None)
+    for config in state.find("endpoint-config"):
+        if config.name != keep_config:
+            with step(f"delete endpoint config {config.name}"):
+                sm.delete_endpoint_config(EndpointConfigName=config.name)
+            state.remove("endpoint-config", config.name)
+    for model in state.find("model"):
+        if model.name != keep_model:
+            with step(f"delete model {model.name}"):
+                sm.delete_model(ModelName=model.name)
+            state.remove("model", model.name)
+
+
+def smoke_payload(oai_enabled: bool) -> dict[str, Any]:
+    """One small request in the protocol the endpoint speaks."""
+    if oai_enabled:
+        return {"messages": [{"role": "user", "content": "Say hello in five words."}], "max_tokens": 16}
+    return {"inputs": "Say hello in five words.", "parameters": {"max_new_tokens": 16}}
+
+
+def generated_text(answer: Any) -> str:
+    """The text of a TGI generate answer or an OpenAI chat/completions answer."""
+    if isinstance(answer, list) and answer and "generated_text" in answer[0]:
+        return answer[0]["generated_text"]
+    if isinstance(answer, dict) and answer.get("choices"):
+        choice = answer["choices"][0]
+        return choice.get("message", {}).get("content") or choice.get("text", "")
+    raise DeployError(f"unexpected answer shape: {json.dumps(answer)[:300]}")
+
+
+def smoke_test(aws: Aws, name: str, payload: dict[str, Any]) -> str:
+    """Invoke the endpoint once and return the generated text."""
+    runtime = aws.client("sagemaker-runtime")
+    try:
+        response = runtime.invoke_endpoint(EndpointName=name, ContentType="application/json",
+                                           Accept="application/json", Body=json.dumps(payload).encode())
+    except bce.ClientError as exc:
+        err = exc.response.get("Error", {})
+        detail = exc.response.get("OriginalMessage") or err.get("Message", "")
+        raise DeployError(f"smoke test of {name} failed ({err.get('Code')}): {detail}") from exc
+    body = response["Body"].read().decode("utf-8", errors="replace")
+    try:
+        return generated_text(json.loads(body))
+    except json.JSONDecodeError as exc:
+        raise DeployError(f"smoke test of {name}: the answer is not JSON: {body[:300]!r}") from exc
