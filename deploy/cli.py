@@ -123,7 +123,7 @@ def _spec(aws: Aws, args: argparse.Namespace) -> endpoints.EndpointSpec:
     limits = {name: getattr(args, name.lower()) for name in LIMITS}
     environment = endpoints.build_environment(args.oai_enabled, args.hf_model_id, args.num_gpus, limits, args.env)
     return endpoints.EndpointSpec(
-        name=args.name, image_uri=args.image_uri, 
+        name=args.name, image_uri=args.image_uri,
         role_arn=resolve_role(aws, args.role or os.environ.get("SAGEMAKER_ROLE")),
         instance_type=check_instance_type(args.instance_type), instance_count=args.instance_count,
         variant=args.variant, environment=environment,
