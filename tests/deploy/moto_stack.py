@@ -1,9 +1,12 @@
-"""moto in server mode on loopback, with the one SageMaker call moto 5.2 lacks (UpdateEndpoint).
+"""moto in server mode on loopback, with two fidelity fixes to moto 5.2's SageMaker.
 
 Everything the deploy code does goes over real HTTP to this server (boto3's AWS_ENDPOINT_URL), so
-the request serialisation, the error shapes and the response parsing are botocore's own. moto 5.2
-answers UpdateEndpoint with "not implemented"; `install_update_endpoint` adds it with SageMaker's
-observable behaviour: the endpoint turns Updating, then InService on the new config a moment later.
+the request serialisation, the error shapes and the response parsing are botocore's own. Fixes:
+- moto 5.2 answers UpdateEndpoint with "not implemented"; `install_update_endpoint` adds it with
+  SageMaker's observable behaviour: Updating, then InService on the new config a moment later;
+- moto describes absent optional structures as `{}` / `[]` (e.g. "VpcConfig": {}), where SageMaker
+  omits them; the SDK's strict pydantic shapes reject `VpcConfig: {}` (it requires Subnets), so
+  empty ones are dropped from the describe answers, as SageMaker does.
 """
 
 from __future__ import annotations
@@ -53,18 +56,39 @@ def _response_update_endpoint(self: SageMakerResponse) -> ActionResult:
     return ActionResult({"EndpointArn": arn})
 
 
-def install_update_endpoint() -> None:
-    """Teach moto's SageMaker UpdateEndpoint (a no-op on a moto that has it)."""
-    if hasattr(SageMakerResponse, "update_endpoint"):
-        return
-    SageMakerModelBackend.update_endpoint = _backend_update_endpoint
-    SageMakerResponse.update_endpoint = _response_update_endpoint
+def _omit_empty(answer: dict) -> dict:
+    return {key: value for key, value in answer.items() if value not in ({}, [])}
+
+
+def _describe_model(self: SageMakerResponse) -> ActionResult:
+    model = self.sagemaker_backend.describe_model(self._get_param("ModelName"))
+    return ActionResult(_omit_empty(model.response_object))
+
+
+def _describe_endpoint_config(self: SageMakerResponse) -> ActionResult:
+    return ActionResult(_omit_empty(self.sagemaker_backend.describe_endpoint_config(
+        self._get_param("EndpointConfigName"))))
+
+
+def _describe_endpoint(self: SageMakerResponse) -> ActionResult:
+    return ActionResult(_omit_empty(self.sagemaker_backend.describe_endpoint(self._get_param("EndpointName"))))
+
+
+def install_fixes() -> None:
+    """Teach moto's SageMaker UpdateEndpoint and SageMaker's omission of empty fields (idempotent)."""
+    if not hasattr(SageMakerResponse, "update_endpoint"):
+        SageMakerModelBackend.update_endpoint = _backend_update_endpoint
+        SageMakerResponse.update_endpoint = _response_update_endpoint
+    # Only the HTTP answers change: moto's own code reads the empty fields of its objects.
+    SageMakerResponse.describe_model = _describe_model
+    SageMakerResponse.describe_endpoint_config = _describe_endpoint_config
+    SageMakerResponse.describe_endpoint = _describe_endpoint
 
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """A moto server on a free loopback port; yields its URL."""
-    install_update_endpoint()
+    install_fixes()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -1,0 +1,47 @@
+"""The SageMaker SDK v3 path (sagemaker-core resources) makes the same resources as the boto3 path."""
+
+from __future__ import annotations
+
+import boto3
+
+from deploy import endpoints, sdk_deploy, teardown
+from deploy.model_artifacts import ModelData
+from deploy.session import Aws
+from deploy.state import TAG_KEY, DeploymentState, state_dir
+from tests.deploy.conftest import REGION
+from tests.deploy.test_lifecycle import IMAGE
+
+
+def _described(name: str, state: DeploymentState) -> tuple[dict, dict]:
+    sm = boto3.client("sagemaker", region_name=REGION)
+    model = sm.describe_model(ModelName=state.find("model")[0].name)
+    config = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName=name)[
+        "EndpointConfigName"])
+    variants = [{k: v for k, v in variant.items() if k != "ModelName"} for variant in config["ProductionVariants"]]
+    return {"PrimaryContainer": model["PrimaryContainer"], "ExecutionRoleArn": model["ExecutionRoleArn"]}, variants
+
+
+def test_sdk_deploy_matches_boto3_deploy_and_updates_in_place(aws: Aws, role_arn: str) -> None:
+    env = endpoints.build_environment("false", "HuggingFaceTB/SmolLM2-135M-Instruct", 1)
+    specs = {name: endpoints.EndpointSpec(name=name, image_uri=IMAGE, role_arn=role_arn,
+                                          instance_type="ml.g4dn.xlarge", environment=env,
+                                          model_data=ModelData("s3://models-bucket/m/"))
+             for name in ("via-boto3", "via-sdk")}
+    states = {name: DeploymentState.load(name, REGION, state_dir()) for name in specs}
+    endpoints.deploy(aws, specs["via-boto3"], states["via-boto3"], wait_timeout=30, poll=0.2)
+    desc = sdk_deploy.deploy_with_sdk(aws, specs["via-sdk"], states["via-sdk"], wait_timeout=30, poll=1)
+    assert desc["EndpointStatus"] == "InService"
+    assert _described("via-sdk", states["via-sdk"]) == _described("via-boto3", states["via-boto3"])
+    sm = boto3.client("sagemaker", region_name=REGION)
+    assert sm.list_tags(ResourceArn=desc["EndpointArn"])["Tags"] == [{"Key": TAG_KEY, "Value": "via-sdk"}]
+
+    specs["via-sdk"].instance_count = 2
+    updated = sdk_deploy.deploy_with_sdk(aws, specs["via-sdk"], states["via-sdk"], wait_timeout=30, poll=1)
+    assert updated["EndpointConfigName"] != desc["EndpointConfigName"]
+    assert updated["ProductionVariants"][0]["CurrentInstanceCount"] == 2
+    assert len(states["via-sdk"].find("endpoint-config")) == 1  # the superseded pair was retired
+
+    for state in states.values():
+        teardown.delete_all(aws, state, wait_timeout=30, poll=0.2)
+    assert sm.list_endpoints()["Endpoints"] == [] and sm.list_models()["Models"] == []
+    assert sm.list_endpoint_configs()["EndpointConfigs"] == []
