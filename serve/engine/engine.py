@@ -8,7 +8,6 @@ API: `submit` (returns a RequestHandle), `cancel`, `step` (one iteration; the th
 from __future__ import annotations
 
 import collections
-import copy
 import inspect
 import logging
 import random
@@ -29,8 +28,8 @@ from serve.engine.request import (
     SamplingParams,
     TokenInfo,
 )
-from serve.engine.sampling import SampleResult, SamplingState
-from serve.engine.scheduler import EngineConfig, Scheduler
+from serve.engine.sampling import SampleResult, SamplingState, sample_rowwise
+from serve.engine.scheduler import EngineConfig, Scheduler, validate
 from serve.engine.sequence import SequenceState
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises ValueError (bad input), EngineOverloaded or EngineUnavailable."""
-        self._validate(request)
+        validate(request, self.config, self.vocab_size)
         with self._lock:
             if not self.healthy or self._draining or self._stopping:
                 raise EngineUnavailable(self.error or "the engine is not accepting requests")
@@ -147,30 +146,6 @@ class Engine:
     def cache_shape(self) -> tuple[int, ...] | None:
         """Shape of layer 0's live keys, [B, H, T, D] (for tests and metrics)."""
         return tuple(self._batch.layers[0].keys.shape) if self._batch is not None else None
-
-    # -- validation ---------------------------------------------------------------------------------
-    def _validate(self, request: GenerationRequest) -> None:
-        p, cfg, n_prompt = request.params, self.config, len(request.prompt_ids)
-        if n_prompt == 0:
-            raise ValueError("the prompt is empty")
-        if n_prompt > cfg.max_input_tokens:
-            raise ValueError(f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n_prompt}")
-        if p.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if n_prompt + p.max_new_tokens > cfg.max_total_tokens:
-            raise ValueError(
-                f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
-                f"Given: {n_prompt} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`"
-            )
-        if (n_prompt + p.max_new_tokens) * p.n > cfg.max_batch_total_tokens:
-            raise ValueError(f"the request needs more than MAX_BATCH_TOTAL_TOKENS={cfg.max_batch_total_tokens}")
-        if p.n < 1:
-            raise ValueError("n must be at least 1")
-        bad = [t for t in p.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token ids out of range [0, {self.vocab_size}): {bad}")
-        if any(t < 0 or t >= self.vocab_size for t in request.prompt_ids):
-            raise ValueError("prompt token ids out of range")
 
     # -- the loop -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -315,35 +290,9 @@ class Engine:
             result = sampling.sample(logits)
         except Exception:
             log.exception("batched sampling failed; isolating the faulty rows")
-            result = self._sample_rowwise(sampling, logits)
+            result = sample_rowwise(sampling, logits)
         sampling.observe(result.ids)
         return result
-
-    def _sample_rowwise(self, sampling: SamplingState, logits: torch.Tensor) -> SampleResult:
-        parts, failed = [], {}
-        for i in range(len(sampling)):
-            one = _copy_state(sampling, i)
-            try:
-                parts.append(one.sample(logits[i : i + 1]))
-            except Exception as exc:
-                failed[i] = exc
-                parts.append(None)
-        ok = next((p for p in parts if p is not None), None)
-        zero = torch.zeros(1, dtype=torch.long, device=logits.device)
-        ids = torch.cat([p.ids if p else zero for p in parts])
-        lps = torch.cat([p.logprobs if p else zero.float() for p in parts])
-        top_ids = top_lp = None
-        if ok is not None and ok.top_ids is not None:
-            width = max(p.top_ids.shape[1] for p in parts if p)
-            top_ids = torch.zeros(len(parts), width, dtype=torch.long, device=logits.device)
-            top_lp = torch.zeros(len(parts), width, device=logits.device)
-            for i, p in enumerate(parts):
-                if p is not None and p.top_ids is not None:
-                    top_ids[i, : p.top_ids.shape[1]], top_lp[i, : p.top_ids.shape[1]] = p.top_ids[0], p.top_logprobs[0]
-        for i, p in enumerate(parts):
-            if p is not None and p.failed:  # a logits processor of that one row raised
-                failed[i] = next(iter(p.failed.values()))
-        return SampleResult(ids, lps, top_ids, top_lp, failed)
 
     # -- postprocess --------------------------------------------------------------------------------
     def _publish(self, rows: list[SequenceState], result: SampleResult) -> list[int]:
@@ -416,9 +365,3 @@ class Engine:
             self._fail(req, message)
         self._rows, self._batch, self._sampling, self._last_ids = [], None, None, None
 
-
-def _copy_state(state: SamplingState, i: int) -> SamplingState:
-    """A one-row copy of a sampling state (for isolating a failing row)."""
-    one = copy.copy(state)
-    one.select([i])
-    return one

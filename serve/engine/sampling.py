@@ -7,6 +7,7 @@ few kernels whatever mix of requests shares the batch. Each row draws its random
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Sequence
@@ -193,3 +194,32 @@ class SamplingState:
         drop_sorted = sorted_shift > sorted_shift.gather(1, last.unsqueeze(1))
         drop_sorted &= (self.typical_p < 1.0).unsqueeze(1)
         return scores.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), NEG_INF)
+
+
+def sample_rowwise(sampling: SamplingState, logits: torch.Tensor) -> SampleResult:
+    """Sample each row alone, so that a row whose processing raises fails by itself."""
+    parts, failed = [], {}
+    for i in range(len(sampling)):
+        one = copy.copy(sampling)
+        one.select([i])  # select() rebinds attributes, so the original is untouched
+        try:
+            parts.append(one.sample(logits[i : i + 1]))
+        except Exception as exc:
+            failed[i] = exc
+            parts.append(None)
+    ok = next((p for p in parts if p is not None), None)
+    zero = torch.zeros(1, dtype=torch.long, device=logits.device)
+    ids = torch.cat([p.ids if p else zero for p in parts])
+    lps = torch.cat([p.logprobs if p else zero.float() for p in parts])
+    top_ids = top_lp = None
+    if ok is not None and ok.top_ids is not None:
+        width = max(p.top_ids.shape[1] for p in parts if p)
+        top_ids = torch.zeros(len(parts), width, dtype=torch.long, device=logits.device)
+        top_lp = torch.zeros(len(parts), width, device=logits.device)
+        for i, p in enumerate(parts):
+            if p is not None and p.top_ids is not None:
+                top_ids[i, : p.top_ids.shape[1]], top_lp[i, : p.top_ids.shape[1]] = p.top_ids[0], p.top_logprobs[0]
+    for i, p in enumerate(parts):
+        if p is not None and p.failed:  # a logits processor of that one row raised
+            failed[i] = next(iter(p.failed.values()))
+    return SampleResult(ids, lps, top_ids, top_lp, failed)

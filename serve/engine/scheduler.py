@@ -88,6 +88,31 @@ def kv_token_budget(model) -> int:
     return int(budget)
 
 
+def validate(request, cfg: EngineConfig, vocab_size: int) -> None:
+    """Reject what can never run (raises ValueError with the message the API returns)."""
+    p, n_prompt = request.params, len(request.prompt_ids)
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty")
+    if n_prompt > cfg.max_input_tokens:
+        raise ValueError(f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n_prompt}")
+    if p.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if n_prompt + p.max_new_tokens > cfg.max_total_tokens:
+        raise ValueError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
+            f"Given: {n_prompt} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`"
+        )
+    if (n_prompt + p.max_new_tokens) * p.n > cfg.max_batch_total_tokens:
+        raise ValueError(f"the request needs more than MAX_BATCH_TOTAL_TOKENS={cfg.max_batch_total_tokens}")
+    if p.n < 1:
+        raise ValueError("n must be at least 1")
+    bad = [t for t in p.logit_bias if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids out of range [0, {vocab_size}): {bad}")
+    if any(t < 0 or t >= vocab_size for t in request.prompt_ids):
+        raise ValueError("prompt token ids out of range")
+
+
 class Scheduler:
     """FIFO admission: newcomers join while the prefill and total-token budgets allow."""
 
