@@ -145,7 +145,10 @@ def _invocations(rt: Runtime) -> Response:
         return _json(reply.body(protocol), reply.status)
     if reply.stream is not None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **reply.headers}
-        return Response(reply.stream, mimetype="text/event-stream", headers=headers)
+        response = Response(reply.stream, mimetype="text/event-stream", headers=headers)
+        if reply.on_close is not None:
+            response.call_on_close(reply.on_close)
+        return response
     return _json(reply.body, reply.status, reply.headers)
 
 

@@ -85,7 +85,7 @@ def handle(rt: Runtime, body: Any) -> common.Reply:
         "system_fingerprint": FINGERPRINT,
     }
     if req.stream:
-        return common.Reply(stream=ChatStream(req, meta, len(ids)).run(handle_))
+        return common.Reply(stream=ChatStream(req, meta, len(ids)).run(handle_), on_close=handle_.cancel)
     return _answer(handle_, req, meta, len(ids))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,9 @@ class Reply:
     stream: Iterator[str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     status: int = 200
+    # Called when the response is closed: frees the engine rows even if the stream never started
+    # (closing a generator that has not run yet skips its `finally`).
+    on_close: Callable[[], None] | None = None
 
 
 def parse(schema: Any, body: Any) -> Any:

@@ -75,7 +75,7 @@ def handle(rt: Runtime, body: Any) -> common.Reply:
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or rt.model_name,
             "system_fingerprint": FINGERPRINT}
     if req.stream:
-        return common.Reply(stream=_stream(handles, req, meta))
+        return common.Reply(stream=_stream(handles, req, meta), on_close=lambda: [h.cancel() for h, _, _ in handles])
     return _answer(handles, req, meta)
 
 

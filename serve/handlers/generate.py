@@ -88,7 +88,7 @@ def handle(rt: Runtime, body: Any) -> common.Reply:
     handle_ = common.submit(rt, GenerationRequest(prompt_ids=ids, params=params))
     prefix = req.inputs if p.return_full_text is not False else ""
     if req.stream:
-        return common.Reply(stream=_stream(handle_, p, prefix, len(ids)))
+        return common.Reply(stream=_stream(handle_, p, prefix, len(ids)), on_close=handle_.cancel)
     return _answer(handle_, p, prefix, len(ids))
 
 
