@@ -134,10 +134,15 @@ def push_image(local_image: str, repository_uri: str, tags: list[str], auth: Reg
         raise DeployError(f"cannot reach the Docker engine ({exc}); start dockerd") from exc
     result = PushResult(image_uri=f"{repository_uri}:{tags[-1]}")
     progress = Progress(f"push {target}")
-    for tag in tags:
-        image.tag(target, tag=tag)
-        result.digest = _push_tag(client, target, tag, auth, progress)
-        result.pushed.append(f"{target}:{tag}")
+    added = [f"{target}:{tag}" for tag in tags if f"{target}:{tag}" not in image.tags]
+    try:
+        for tag in tags:
+            image.tag(target, tag=tag)
+            result.digest = _push_tag(client, target, tag, auth, progress)
+            result.pushed.append(f"{target}:{tag}")
+    finally:
+        for ref in added:  # the registry has them now; keep the local engine's tag list as it was
+            client.images.remove(ref, noprune=True)
     progress.done(f"pushed {', '.join(tags)} ({result.digest})")
     return result
 

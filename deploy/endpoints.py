@@ -102,6 +102,7 @@ def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 
     """Poll until the endpoint is InService, showing a progress line; DeployError if it fails."""
     progress = Progress(f"endpoint {name}")
     deadline = time.monotonic() + timeout
+    delay = 1.0  # quick first looks, then every `poll` seconds: a model load takes minutes
     while True:
         with step(f"describe endpoint {name}"):
             desc = describe_endpoint(aws, name)
@@ -118,7 +119,8 @@ def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 
         if time.monotonic() > deadline:
             raise DeployError(f"endpoint {name} still {status} after {timeout:.0f} s")
         progress.update(status)
-        time.sleep(poll)
+        time.sleep(min(delay, poll))
+        delay *= 2
 
 
 def create_model_and_config(aws: Aws, spec: EndpointSpec, state: DeploymentState) -> tuple[str, str]:

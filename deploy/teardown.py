@@ -49,11 +49,13 @@ def wait_deleted(aws: Aws, name: str, timeout: float, poll: float) -> None:
     """Wait until the endpoint is gone (its config cannot be deleted before)."""
     progress = Progress(f"endpoint {name}")
     deadline = time.monotonic() + timeout
+    delay = 1.0
     while (desc := describe_endpoint(aws, name)) is not None:
         if time.monotonic() > deadline:
             raise DeployError(f"endpoint {name} still {desc['EndpointStatus']} after {timeout:.0f} s")
         progress.update(desc["EndpointStatus"])
-        time.sleep(poll)
+        time.sleep(min(delay, poll))
+        delay *= 2
     progress.done("deleted")
 
 

@@ -1,0 +1,120 @@
+"""The README's deploy guide, run as written: push to a local registry, the rest against moto.
+
+The two bash blocks between the deploy-guide and deploy-teardown markers are extracted from
+README.md and run with bash; only the environment differs from a user's: AWS_ENDPOINT_URL points at
+moto, DEPLOY_REGISTRY_OVERRIDE at a loopback `docker-registry` that accepts only the credentials
+moto's GetAuthorizationToken hands out, and MODEL_DIR at a small model directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from deploy.ecr import git_sha, project_version
+from tests.deploy.conftest import REGION
+from tests.deploy.moto_stack import ACCOUNT_ID, queue_invocation_result
+from tests.deploy.registry import running_registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MANIFEST_TYPES = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
+
+
+def readme_block(marker: str) -> str:
+    """The bash code between <!-- MARKER:start --> and <!-- MARKER:end --> in README.md."""
+    text = (REPO_ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker}:start -->\s*```bash\n(.*?)```\s*<!-- {marker}:end -->", text, re.DOTALL)
+    assert match, f"README.md has no {marker} block"
+    return match.group(1)
+
+
+@pytest.fixture(scope="session")
+def local_image() -> str:
+    """The project image, built by the container's own helper if this engine does not have it yet."""
+    from container.dockerengine import DockerEngine, image_exists
+    from container.imagebuild import DEFAULT_TAG, build_image
+
+    engine = DockerEngine().start()  # the engine that runs, or one started (and stopped) here
+    try:
+        if not image_exists(DEFAULT_TAG):
+            build_image(DEFAULT_TAG, "cpu")
+        yield DEFAULT_TAG
+    finally:
+        engine.stop()
+
+
+def run_bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a README block with bash -euo pipefail, `python` being this interpreter."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=900, env={**env, "PATH": path, "HOME": env["DEPLOY_STATE_DIR"]})
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def ecr_password() -> str:
+    token = boto3.client("ecr", region_name=REGION).get_authorization_token()["authorizationData"][0]
+    return base64.b64decode(token["authorizationToken"]).decode().split(":", 1)[1]
+
+
+@pytest.mark.slow
+def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: Path, moto_url: str,
+                             local_image: str) -> None:
+    assert role_arn == f"arn:aws:iam::{ACCOUNT_ID}:role/SageMakerExecution"  # the README's role
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi! Nice to meet you."},
+                           "finish_reason": "stop"}], "object": "chat.completion"}
+    queue_invocation_result(moto_url, json.dumps(answer))
+    tags = [project_version(), f"{project_version()}-{git_sha()}"]
+    with running_registry("AWS", ecr_password()) as registry:
+        env = {**aws_env, "MODEL_DIR": str(model_dir), "DEPLOY_REGISTRY_OVERRIDE": registry.host}
+        guide = run_bash(readme_block("deploy-guide") + '\necho "IMAGE_URI=$IMAGE_URI MODEL_DATA=$MODEL_DATA"\n', env)
+        pushed = registry.get("/v2/sagemaker-llm-serve/tags/list").json()
+        digest = registry.get(f"/v2/sagemaker-llm-serve/manifests/{tags[1]}", Accept=MANIFEST_TYPES).headers[
+            "Docker-Content-Digest"]
+    image_uri = f"{ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-llm-serve:{tags[1]}"
+    model_data = f"s3://sagemaker-llm-serve-{ACCOUNT_ID}-{REGION}/models/smollm2/"
+    lines = guide.stdout.strip().splitlines()
+    assert lines[-1] == f"IMAGE_URI={image_uri} MODEL_DATA={model_data}"
+    assert lines[-2] == "Hi! Nice to meet you."  # step 6, the invoke
+    assert sorted(pushed["tags"]) == sorted(tags)
+    state = json.loads((Path(aws_env["DEPLOY_STATE_DIR"]) / f"smollm2.{REGION}.json").read_text())
+    assert [r["details"]["digest"] for r in state["resources"] if r["kind"] == "ecr-image"] == [digest]
+    assert "endpoint smollm2: Updating" in guide.stderr and "smoke test answer" in guide.stderr
+
+    sm = boto3.client("sagemaker", region_name=REGION)
+    endpoint = sm.describe_endpoint(EndpointName="smollm2")
+    assert endpoint["EndpointStatus"] == "InService"
+    config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    [variant] = config["ProductionVariants"]
+    assert {k: v for k, v in variant.items() if k != "ModelName"} == {
+        "VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.g4dn.xlarge",
+        "InitialVariantWeight": 1.0, "ModelDataDownloadTimeoutInSeconds": 1200,
+        "ContainerStartupHealthCheckTimeoutInSeconds": 600}
+    assert sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"] == {
+        "Image": image_uri,
+        "ModelDataSource": {"S3DataSource": {"S3Uri": model_data, "S3DataType": "S3Prefix", "CompressionType": "None"}},
+        "Environment": {"OAI_ENABLED": "true", "SM_NUM_GPUS": "1", "MAX_TOTAL_TOKENS": "8192"}}
+    assert len(sm.list_models()["Models"]) == 1  # step 3's model was retired by step 5
+    aas = boto3.client("application-autoscaling", region_name=REGION)
+    [target] = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
+        "endpoint/smollm2/variant/AllTraffic", 1, 4)
+    assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"][0]["repositoryName"] == (
+        "sagemaker-llm-serve")
+
+    run_bash(readme_block("deploy-teardown"), aws_env)
+    assert sm.list_endpoints()["Endpoints"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
+    assert sm.list_models()["Models"] == []
+    assert aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+    assert aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
+    assert boto3.client("s3", region_name=REGION).list_buckets()["Buckets"] == []
+    assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"] == []
+    assert list(Path(aws_env["DEPLOY_STATE_DIR"]).glob("*.json")) == []
