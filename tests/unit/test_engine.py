@@ -227,3 +227,44 @@ def test_gevent_hub_is_never_starved_while_the_engine_works():
     missing = [s for s in range(data["first"], data["last"]) if s not in steps]
     assert data["last"] - data["first"] >= 100
     assert not missing, f"no gevent tick between engine steps {missing[:10]}"
+
+
+def test_a_broken_loop_fails_every_request_and_reports_unhealthy(model, tokenizer):
+    from serve.engine.engine import Engine, EngineConfig
+    from serve.engine.request import EngineUnavailable
+
+    eng = Engine(model, tokenizer, EngineConfig.from_model(model, max_batch_total_tokens=200_000))
+
+    def broken_admit(*args, **kwargs):
+        raise MemoryError("scheduler state corrupted")
+
+    eng.scheduler.admit = broken_admit
+    eng.start()
+    handles = [eng.submit(GenerationRequest([5, 6, 7], SamplingParams(max_new_tokens=4))) for _ in range(3)]
+    for h in handles:
+        with pytest.raises(EngineError, match="scheduler state corrupted"):
+            collect(h)
+    assert not eng.healthy and "MemoryError" in eng.error
+    with pytest.raises(EngineUnavailable):
+        eng.submit(GenerationRequest([5], SamplingParams()))
+
+
+def test_a_failed_decode_step_fails_that_batch_and_the_engine_goes_on(engine, tokenizer, monkeypatch):
+    real_forward = engine.model.forward
+    calls = {"n": 0}
+
+    def flaky_forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # decode steps only
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", flaky_forward)
+    victims = [engine.submit(GenerationRequest(tokenizer.encode(f"v{i}"), SamplingParams(max_new_tokens=10, ignore_eos=True)))
+               for i in range(2)]
+    for h in victims:
+        with pytest.raises(EngineError, match="out of memory"):
+            collect(h)
+    after = collect(engine.submit(GenerationRequest(tokenizer.encode("after"), SamplingParams(max_new_tokens=5, ignore_eos=True))))
+    assert len(after) == 5 and engine.healthy
