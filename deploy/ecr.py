@@ -99,20 +99,23 @@ def registry_auth(aws: Aws) -> RegistryAuth:
 
 def _push_tag(client, ref: str, tag: str, auth: RegistryAuth, progress: Progress) -> str:
     """Push one tag, streaming the engine's per-layer progress into one line; returns the digest."""
-    layers: dict[str, tuple[int, int]] = {}
+    sizes: dict[str, tuple[int, int]] = {}  # layer id -> (bytes sent, bytes to send)
+    finished: set[str] = set()
     digest = ""
     auth_config = {"username": auth.username, "password": auth.password}
     for event in client.api.push(ref, tag=tag, stream=True, decode=True, auth_config=auth_config):
         if "error" in event:
             raise DeployError(f"docker push {ref}:{tag} failed: {event['error']}")
-        detail = event.get("progressDetail") or {}
-        if event.get("id") and detail.get("total"):
-            layers[event["id"]] = (detail.get("current", 0), detail["total"])
+        layer, detail = event.get("id"), event.get("progressDetail") or {}
+        if layer and detail.get("total"):
+            sizes[layer] = (min(detail.get("current", 0), detail["total"]), detail["total"])
+        if layer and event.get("status") in {"Pushed", "Layer already exists", "Mounted from"}:
+            finished.add(layer)
         if event.get("aux", {}).get("Digest"):
             digest = event["aux"]["Digest"]
-        done = sum(cur for cur, _ in layers.values()) / 1e6
-        total = sum(tot for _, tot in layers.values()) / 1e6
-        progress.update(f"{tag}: {event.get('status', '')} {done:.0f}/{total:.0f} MB in {len(layers)} layers")
+        sent = sum(cur for cur, _ in sizes.values()) / 1e6
+        total = sum(tot for _, tot in sizes.values()) / 1e6
+        progress.update(f"{tag}: {len(finished)} layers done, {sent:.0f}/{total:.0f} MB sent")
     if not digest:
         raise DeployError(f"docker push {ref}:{tag} ended without a manifest digest")
     return digest

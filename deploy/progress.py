@@ -17,7 +17,7 @@ class Progress:
     def __init__(self, label: str, stream: TextIO | None = None, every: float = 5.0) -> None:
         self.label = label
         self.stream = stream or sys.stderr
-        self.every = every  # seconds between lines when not on a terminal (CI logs stay short)
+        self.every = every  # seconds between repeated lines (CI logs stay short)
         self.started = time.monotonic()
         self._last_text = ""
         self._last_emit = 0.0
@@ -31,7 +31,9 @@ class Progress:
     def update(self, text: str, force: bool = False) -> None:
         """Show `text` (with the elapsed time) if it changed or enough time passed."""
         now = time.monotonic()
-        if not force and text == self._last_text and now - self._last_emit < self.every:
+        # A terminal redraws in place, so changes show at once; a log gets a line every `every` s.
+        interval = 0.1 if self._tty and text != self._last_text else self.every
+        if not force and now - self._last_emit < interval:
             return
         line = f"[{self.elapsed:6.1f}s] {self.label}: {text}"
         if self._tty:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +93,8 @@ def connect(region: str | None = None, profile: str | None = None) -> Aws:
     """Open a session and check region and credentials before any resource is touched."""
     with step("open AWS session"):
         session = boto3.Session(profile_name=profile, region_name=region)
-    region = check_region(session, region or session.region_name)
+    # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other AWS SDKs and the docs use.
+    region = check_region(session, region or session.region_name or os.environ.get("AWS_REGION"))
     if session.get_credentials() is None:
         raise explain(bce.NoCredentialsError(), "open AWS session")
     aws = Aws(session=session, region=region)

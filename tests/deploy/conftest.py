@@ -21,7 +21,7 @@ def aws_environment(moto_url: str, state_dir: Path) -> dict[str, str]:
     """Environment that points boto3 (in this process or a child) at moto and nowhere else."""
     return {
         "AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         "DEPLOY_STATE_DIR": str(state_dir),
     }
@@ -38,7 +38,7 @@ def aws_env(moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     """A fresh moto account, and this process's environment pointing at it."""
     reset(moto_url)
     env = aws_environment(moto_url, tmp_path / "state")
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "DEPLOY_REGISTRY_OVERRIDE"):
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "DEPLOY_REGISTRY_OVERRIDE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -19,7 +19,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from deploy.ecr import git_sha, project_version
+from deploy.ecr import project_version
 from tests.deploy.conftest import REGION
 from tests.deploy.moto_stack import ACCOUNT_ID, queue_invocation_result
 from tests.deploy.registry import running_registry
@@ -72,14 +72,17 @@ def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: 
     answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi! Nice to meet you."},
                            "finish_reason": "stop"}], "object": "chat.completion"}
     queue_invocation_result(moto_url, json.dumps(answer))
-    tags = [project_version(), f"{project_version()}-{git_sha()}"]
     with running_registry("AWS", ecr_password()) as registry:
         env = {**aws_env, "MODEL_DIR": str(model_dir), "DEPLOY_REGISTRY_OVERRIDE": registry.host}
         guide = run_bash(readme_block("deploy-guide") + '\necho "IMAGE_URI=$IMAGE_URI MODEL_DATA=$MODEL_DATA"\n', env)
+        # The sha is read from the printed URI: another commit may land while the guide runs.
+        image_uri = re.search(r"^IMAGE_URI=(\S+)", guide.stdout, re.MULTILINE).group(1)
+        tags = [project_version(), image_uri.rsplit(":", 1)[1]]
         pushed = registry.get("/v2/sagemaker-llm-serve/tags/list").json()
         digest = registry.get(f"/v2/sagemaker-llm-serve/manifests/{tags[1]}", Accept=MANIFEST_TYPES).headers[
             "Docker-Content-Digest"]
-    image_uri = f"{ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-llm-serve:{tags[1]}"
+    assert re.fullmatch(rf"{re.escape(project_version())}-[0-9a-f]{{12}}(-dirty)?", tags[1])
+    assert image_uri == f"{ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-llm-serve:{tags[1]}"
     model_data = f"s3://sagemaker-llm-serve-{ACCOUNT_ID}-{REGION}/models/smollm2/"
     lines = guide.stdout.strip().splitlines()
     assert lines[-1] == f"IMAGE_URI={image_uri} MODEL_DATA={model_data}"
