@@ -1,0 +1,210 @@
+"""HTTP benchmark: streaming chat requests at several concurrencies, ours vs `transformers serve`.
+
+Each of C client threads sends `--rounds` streaming chat requests one after the other (64 tokens
+each by default) and records the time to first token (TTFT) and the time per output token (TPOT) of
+every request; the aggregate throughput is all completion tokens over the wall time of the level.
+Targets run one at a time, on the same model and dtype, on 127.0.0.1 only:
+
+    python -m bench.http_bench --targets ours transformers-cb transformers --concurrency 1 4 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from serve.model_loading import load_model, resolve_model
+from tests.server import free_port, running_server
+
+TOPICS = ["the sea", "a dragon", "Paris", "bread", "a robot", "winter", "music", "a cat"]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tpot: float | None
+    tokens: int
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # the full chat URL
+    extra: dict = field(default_factory=dict)  # body fields this target needs (e.g. `model`)
+
+
+def stream_chat(target: Target, prompt: str, max_tokens: int, timeout: float) -> Sample:
+    """One streaming chat request; token times are the arrival times of content chunks."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
+            "temperature": 0, **target.extra}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    with requests.post(target.url, json=body, stream=True, timeout=timeout) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        raise RuntimeError(f"{target.name}: no tokens streamed")
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    return Sample(stamps[0] - start, tpot, len(stamps))
+
+
+def run_level(target: Target, concurrency: int, rounds: int, max_tokens: int, timeout: float) -> dict:
+    """C threads x `rounds` requests; returns throughput and latency percentiles."""
+    samples: list[Sample] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for r in range(rounds):
+            prompt = f"Write a long story about {TOPICS[(i + r) % len(TOPICS)]}."
+            try:
+                s = stream_chat(target, prompt, max_tokens, timeout)
+                with lock:
+                    samples.append(s)
+            except Exception as exc:  # recorded, reported, never hidden
+                with lock:
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * rounds + 30)
+    wall = time.perf_counter() - start
+    return summarize(samples, errors, wall)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarize(samples: list[Sample], errors: list[str], wall: float) -> dict:
+    ttft = [s.ttft * 1000 for s in samples]
+    tpot = [s.tpot * 1000 for s in samples if s.tpot is not None]
+    tokens = sum(s.tokens for s in samples)
+    return {
+        "requests": len(samples), "errors": errors[:3], "error_count": len(errors), "tokens": tokens,
+        "tokens_per_s": tokens / wall, "ttft_p50_ms": pct(ttft, 0.5) if ttft else None,
+        "ttft_p95_ms": pct(ttft, 0.95) if ttft else None, "tpot_p50_ms": pct(tpot, 0.5) if tpot else None,
+        "tpot_p95_ms": pct(tpot, 0.95) if tpot else None, "mean_tokens": statistics.mean(s.tokens for s in samples) if samples else 0,
+    }
+
+
+CONVERTED = Path(__file__).resolve().parent.parent / ".cache" / "smollm2-hf"
+
+
+def converted_model_dir() -> str:
+    """The embedded GGUF saved once in HF layout: `transformers serve` cannot load a GGUF whose
+    config lacks `architectures`, and both servers must run the very same weights."""
+    if not (CONVERTED / "config.json").exists():
+        import torch
+
+        model, tokenizer = load_model(resolve_model("/nonexistent", None), torch.float32)
+        model.config.architectures = [type(model).__name__]
+        # The GGUF weights are already dequantized in memory; drop the quantizer so they save as-is.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+        model.save_pretrained(CONVERTED)
+        tokenizer.save_pretrained(CONVERTED)
+    return str(CONVERTED)
+
+
+@contextlib.contextmanager
+def ours(dtype: str) -> Iterator[Target]:
+    with running_server({"OAI_ENABLED": "true", "DTYPE": dtype, "HF_MODEL_ID": converted_model_dir()}) as srv:
+        yield Target("ours", srv.invocations)
+
+
+@contextlib.contextmanager
+def transformers_serve(dtype: str, continuous_batching: bool) -> Iterator[Target]:
+    """`transformers serve` on the same GGUF, with or without its continuous batching."""
+    port = free_port()
+    model = converted_model_dir()
+    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model, "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--dtype", dtype,
+           "--continuous-batching" if continuous_batching else "--no-continuous-batching"]
+    log = tempfile.NamedTemporaryFile(prefix="transformers-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    name = "transformers-cb" if continuous_batching else "transformers"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited:\n{Path(log.name).read_text()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            time.sleep(0.5)
+        target = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", {"model": model})
+        stream_chat(target, "Hi", 4, 300)  # the model loads on the first request: keep that out of the numbers
+        yield target
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def start(name: str, dtype: str):
+    if name == "ours":
+        return ours(dtype)
+    return transformers_serve(dtype, continuous_batching=(name == "transformers-cb"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", nargs="+", default=["ours", "transformers-cb", "transformers"])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client thread at each level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results: dict = {}
+    for name in args.targets:
+        with start(name, args.dtype) as target:
+            stream_chat(target, "Warm up.", 8, args.timeout)
+            for c in args.concurrency:
+                results.setdefault(name, {})[c] = row = run_level(target, c, args.rounds, args.max_tokens, args.timeout)
+                print(f"{name} C={c}: {json.dumps(row)}", flush=True)
+    print(f"\n| target ({args.dtype}) | C | tok/s | TTFT p50 / p95 ms | TPOT p50 / p95 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for name, levels in results.items():
+        for c, r in levels.items():
+            print(f"| {name} | {c} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} | "
+                  f"{r['tpot_p50_ms']:.0f} / {r['tpot_p95_ms']:.0f} | {r['error_count']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
