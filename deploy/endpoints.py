@@ -8,6 +8,7 @@ deleted once the endpoint is InService again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from deploy.state import DeploymentState, tags_for
 
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"
 TERMINAL_FAILURES = {"Failed", "OutOfService", "UpdateRollbackFailed"}
+IN_FLIGHT = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
 
 
 @dataclass
@@ -123,6 +125,20 @@ def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 
         delay *= 2
 
 
+def wait_deleted(aws: Aws, name: str, timeout: float, poll: float) -> None:
+    """Wait until the endpoint is gone (its config cannot be deleted before)."""
+    progress = Progress(f"endpoint {name}")
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while (desc := describe_endpoint(aws, name)) is not None:
+        if time.monotonic() > deadline:
+            raise DeployError(f"endpoint {name} still {desc['EndpointStatus']} after {timeout:.0f} s")
+        progress.update(desc["EndpointStatus"])
+        time.sleep(min(delay, poll))
+        delay *= 2
+    progress.done("deleted")
+
+
 def create_model_and_config(aws: Aws, spec: EndpointSpec, state: DeploymentState) -> tuple[str, str]:
     """Create a new model and endpoint config for `spec`, both tagged and recorded."""
     sm = aws.client("sagemaker")
@@ -152,14 +168,42 @@ def _update(aws: Aws, spec: EndpointSpec, existing: dict[str, Any], config_name:
         return wait_for_endpoint(aws, spec.name, wait_timeout, poll)
 
 
+def settled_endpoint(aws: Aws, name: str, state: DeploymentState, wait_timeout: float,
+                     poll: float) -> dict[str, Any] | None:
+    """The endpoint this deployment may update, once no change is in flight; None to create it anew.
+
+    SageMaker refuses to update an endpoint that is still changing or has failed, so a rerun after
+    an interrupted deploy waits for the change to finish, and one after a failed deploy deletes the
+    failed endpoint (ours) and creates it again.
+    """
+    with step(f"describe endpoint {name}"):
+        existing = describe_endpoint(aws, name)
+    if existing is None:
+        return None
+    if not state.find("endpoint", name):
+        raise DeployError(f"endpoint {name} exists but was not created by this deployment "
+                          f"(no record in {state.path}); pick another --name")
+    if existing["EndpointStatus"] in IN_FLIGHT:
+        log(f"endpoint {name} is {existing['EndpointStatus']}; waiting for that change to finish first")
+        with contextlib.suppress(DeployError):  # a change that ends in failure is handled below
+            wait_for_endpoint(aws, name, wait_timeout, poll)
+        existing = describe_endpoint(aws, name)
+        if existing is None:  # it was being deleted
+            return None
+    if existing["EndpointStatus"] in TERMINAL_FAILURES:
+        log(f"endpoint {name} is {existing['EndpointStatus']} ({existing.get('FailureReason', '')}); "
+            "deleting it to create it anew")
+        with step(f"delete failed endpoint {name}"):
+            aws.client("sagemaker").delete_endpoint(EndpointName=name)
+            wait_deleted(aws, name, wait_timeout, poll)
+        return None
+    return existing
+
+
 def deploy(aws: Aws, spec: EndpointSpec, state: DeploymentState, wait_timeout: float = 3600,
            poll: float = 15.0) -> dict[str, Any]:
     """Create the endpoint, or update it in place when this deployment already made it."""
-    with step(f"describe endpoint {spec.name}"):
-        existing = describe_endpoint(aws, spec.name)
-    if existing is not None and not state.find("endpoint", spec.name):
-        raise DeployError(f"endpoint {spec.name} exists but was not created by this deployment "
-                          f"(no record in {state.path}); pick another --name")
+    existing = settled_endpoint(aws, spec.name, state, wait_timeout, poll)
     _, config_name = create_model_and_config(aws, spec, state)
     if existing is None:
         with step(f"create endpoint {spec.name}"):

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy.endpoints import EndpointSpec, describe_endpoint, retire_superseded, versioned_name
+from deploy.endpoints import (
+    EndpointSpec,
+    describe_endpoint,
+    retire_superseded,
+    settled_endpoint,
+    versioned_name,
+)
 from deploy.errors import DeployError
 from deploy.progress import log
 from deploy.session import Aws, step
@@ -67,9 +73,7 @@ def deploy_with_sdk(aws: Aws, spec: EndpointSpec, state: DeploymentState, wait_t
     from sagemaker.core.shapes import Tag
     from sagemaker.core.utils.exceptions import FailedStatusError, TimeoutExceededError
 
-    existing = describe_endpoint(aws, spec.name)
-    if existing is not None and not state.find("endpoint", spec.name):
-        raise DeployError(f"endpoint {spec.name} exists but was not created by this deployment; pick another --name")
+    existing = settled_endpoint(aws, spec.name, state, wait_timeout, poll)
     config_name = _create_model_and_config(aws, spec, state)
     with step(f"{'update' if existing else 'create'} endpoint {spec.name} (SDK)"):
         if existing is None:

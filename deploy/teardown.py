@@ -7,7 +7,6 @@ when they are ours and empty once our own objects and images are gone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +14,8 @@ import botocore.exceptions as bce
 
 from deploy import ecr, model_artifacts
 from deploy.autoscaling import DIMENSION, NAMESPACE
-from deploy.endpoints import describe_endpoint
-from deploy.errors import DeployError
-from deploy.progress import Progress, log
+from deploy.endpoints import wait_deleted
+from deploy.progress import log
 from deploy.session import Aws, step
 from deploy.state import TAG_KEY, DeploymentState
 
@@ -43,20 +41,6 @@ def _sagemaker_arn(aws: Aws, kind: str, name: str) -> str | None:
 def _is_ours(aws: Aws, arn: str, deployment: str) -> bool:
     tags = aws.client("sagemaker").list_tags(ResourceArn=arn).get("Tags", [])
     return {"Key": TAG_KEY, "Value": deployment} in tags
-
-
-def wait_deleted(aws: Aws, name: str, timeout: float, poll: float) -> None:
-    """Wait until the endpoint is gone (its config cannot be deleted before)."""
-    progress = Progress(f"endpoint {name}")
-    deadline = time.monotonic() + timeout
-    delay = 1.0
-    while (desc := describe_endpoint(aws, name)) is not None:
-        if time.monotonic() > deadline:
-            raise DeployError(f"endpoint {name} still {desc['EndpointStatus']} after {timeout:.0f} s")
-        progress.update(desc["EndpointStatus"])
-        time.sleep(min(delay, poll))
-        delay *= 2
-    progress.done("deleted")
 
 
 def _delete_sagemaker(aws: Aws, state: DeploymentState, kind: str, timeout: float, poll: float) -> None:

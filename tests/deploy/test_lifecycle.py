@@ -166,3 +166,26 @@ def test_an_endpoint_not_made_by_this_deployment_is_never_updated(aws: Aws, role
         endpoints.deploy(aws, _spec(role_arn, None), _state(), wait_timeout=30, poll=0.2)
     assert sm.describe_endpoint(EndpointName="smollm2")["EndpointConfigName"] == "theirs"
     assert [m["ModelName"] for m in sm.list_models()["Models"]] == ["theirs"]
+
+
+def _fail_endpoint(name: str, reason: str) -> None:
+    """Put the endpoint into SageMaker's Failed state (no API does that; moto runs in this process)."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    endpoint = sagemaker_backends[ACCOUNT_ID][REGION].endpoints[name]
+    endpoint.endpoint_status, endpoint.failure_reason = "Failed", reason
+
+
+def test_a_failed_endpoint_is_reported_then_recreated_by_the_next_deploy(aws: Aws, role_arn: str) -> None:
+    state = _state()
+    endpoints.deploy(aws, _spec(role_arn, None), state, wait_timeout=30, poll=0.2)
+    reason = "The primary container for production variant AllTraffic did not pass the ping health check."
+    _fail_endpoint("smollm2", reason)
+    with pytest.raises(DeployError, match="endpoint smollm2 is Failed: The primary container .* ping health check"):
+        endpoints.wait_for_endpoint(aws, "smollm2", timeout=5, poll=0.2)
+    desc = endpoints.deploy(aws, _spec(role_arn, None, startup_timeout=1800), state, wait_timeout=30, poll=0.2)
+    assert desc["EndpointStatus"] == "InService"
+    sm = boto3.client("sagemaker", region_name=REGION)
+    config = sm.describe_endpoint_config(EndpointConfigName=desc["EndpointConfigName"])
+    assert config["ProductionVariants"][0]["ContainerStartupHealthCheckTimeoutInSeconds"] == 1800
+    assert len(sm.list_endpoint_configs()["EndpointConfigs"]) == 1 and len(sm.list_models()["Models"]) == 1
