@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import botocore.exceptions as bce
+
 from deploy import autoscaling, ecr, endpoints, model_artifacts, sdk_deploy, teardown
 from deploy.errors import DeployError
 from deploy.progress import log
@@ -179,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (bce.ClientError, bce.BotoCoreError) as exc:  # not one we can explain: say which call failed
+        print(f"error: AWS call failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; `python -m deploy status` shows what exists so far", file=sys.stderr)
         return 130

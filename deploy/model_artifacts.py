@@ -66,7 +66,11 @@ def ensure_bucket(aws: Aws, bucket: str, state: DeploymentState) -> None:
         s3.head_bucket(Bucket=bucket)
         return
     except bce.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
+        code = exc.response.get("Error", {}).get("Code")
+        if code in {"403", "AccessDenied"}:
+            raise DeployError(f"S3 bucket {bucket} exists but this account may not use it (bucket names are "
+                              "global); choose another --bucket") from exc
+        if code not in {"404", "NoSuchBucket", "NotFound"}:
             raise
     with step(f"create S3 bucket {bucket}"):
         kwargs: dict[str, Any] = {"Bucket": bucket}

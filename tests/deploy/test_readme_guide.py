@@ -39,8 +39,11 @@ def readme_block(marker: str) -> str:
 @pytest.fixture(scope="session")
 def local_image() -> str:
     """The project image, built by the container's own helper if this engine does not have it yet."""
-    from container.dockerengine import DockerEngine, image_exists
-    from container.imagebuild import DEFAULT_TAG, build_image
+    # The container's image helper (container/imagebuild.py) owns the engine and the build.
+    dockerengine = pytest.importorskip("container.dockerengine", reason="the image helper is not in this checkout")
+    imagebuild = pytest.importorskip("container.imagebuild", reason="the image helper is not in this checkout")
+    DockerEngine, image_exists = dockerengine.DockerEngine, dockerengine.image_exists
+    DEFAULT_TAG, build_image = imagebuild.DEFAULT_TAG, imagebuild.build_image
 
     engine = DockerEngine().start()  # the engine that runs, or one started (and stopped) here
     try:
