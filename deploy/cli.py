@@ -157,7 +157,10 @@ def _dispatch(args: argparse.Namespace) -> str | None:
     if args.command == "deploy":
         return _run_deploy(aws, state, args)
     if args.command == "invoke":
-        body = json.loads(args.body) if args.body else endpoints.smoke_payload(args.oai)
+        try:
+            body = json.loads(args.body) if args.body else endpoints.smoke_payload(args.oai)
+        except json.JSONDecodeError as exc:
+            raise DeployError(f"--body is not JSON: {exc}") from exc
         return endpoints.smoke_test(aws, args.name, body)
     if args.command == "autoscale":
         if args.disable:

@@ -27,10 +27,17 @@ class ModelData:
 
     s3_uri: str
 
+    def __post_init__(self) -> None:
+        split_s3_uri(self.s3_uri)  # a clear error for anything but s3://bucket/key
+        if not self.compressed and not self.s3_uri.endswith("/"):
+            # SageMaker copies every object under the prefix: without the slash, s3://b/model
+            # would also match s3://b/model-old/...
+            object.__setattr__(self, "s3_uri", self.s3_uri + "/")
+
     @property
     def compressed(self) -> bool:
-        """True for a model.tar.gz, False for an uncompressed prefix (ends with /)."""
-        return not self.s3_uri.endswith("/")
+        """True for a .tar.gz archive, False for an uncompressed prefix of plain files."""
+        return self.s3_uri.endswith(".tar.gz")
 
     def container_fields(self) -> dict[str, Any]:
         """The ContainerDefinition fields that point SageMaker at this model."""

@@ -189,3 +189,13 @@ def test_a_failed_endpoint_is_reported_then_recreated_by_the_next_deploy(aws: Aw
     config = sm.describe_endpoint_config(EndpointConfigName=desc["EndpointConfigName"])
     assert config["ProductionVariants"][0]["ContainerStartupHealthCheckTimeoutInSeconds"] == 1800
     assert len(sm.list_endpoint_configs()["EndpointConfigs"]) == 1 and len(sm.list_models()["Models"]) == 1
+
+
+def test_model_data_kinds() -> None:
+    assert model_artifacts.ModelData("s3://b/m/model.tar.gz").container_fields() == {
+        "ModelDataUrl": "s3://b/m/model.tar.gz"}
+    # A prefix always ends with "/", or s3://b/m would also pick up s3://b/m-old/...
+    assert model_artifacts.ModelData("s3://b/m").container_fields() == {"ModelDataSource": {"S3DataSource": {
+        "S3Uri": "s3://b/m/", "S3DataType": "S3Prefix", "CompressionType": "None"}}}
+    with pytest.raises(DeployError, match="not an S3 URI"):
+        model_artifacts.ModelData("/local/model")
