@@ -27,6 +27,13 @@ def aws_environment(moto_url: str, state_dir: Path) -> dict[str, str]:
     }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that talks to the moto server is `slow` (it starts a server), as the house rule says."""
+    for item in items:
+        if "moto_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def moto_url() -> str:
     with moto_server() as url:
