@@ -68,6 +68,43 @@ def ecr_password() -> str:
     return base64.b64decode(token["authorizationToken"]).decode().split(":", 1)[1]
 
 
+def assert_deployed(image_uri: str, model_data: str) -> None:
+    """The state after the guide: the updated endpoint with its exact fields, scaling, repository."""
+    sm = boto3.client("sagemaker", region_name=REGION)
+    endpoint = sm.describe_endpoint(EndpointName="smollm2")
+    assert endpoint["EndpointStatus"] == "InService"
+    config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    [variant] = config["ProductionVariants"]
+    assert {k: v for k, v in variant.items() if k != "ModelName"} == {
+        "VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.g4dn.xlarge",
+        "InitialVariantWeight": 1.0, "ModelDataDownloadTimeoutInSeconds": 1200,
+        "ContainerStartupHealthCheckTimeoutInSeconds": 600}
+    assert sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"] == {
+        "Image": image_uri,
+        "ModelDataSource": {"S3DataSource": {"S3Uri": model_data, "S3DataType": "S3Prefix", "CompressionType": "None"}},
+        "Environment": {"OAI_ENABLED": "true", "SM_NUM_GPUS": "1", "MAX_TOTAL_TOKENS": "8192"}}
+    assert len(sm.list_models()["Models"]) == 1  # step 3's model was retired by step 5
+    aas = boto3.client("application-autoscaling", region_name=REGION)
+    [target] = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
+        "endpoint/smollm2/variant/AllTraffic", 1, 4)
+    assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"][0]["repositoryName"] == (
+        "sagemaker-llm-serve")
+
+
+def assert_nothing_left(state_dir: Path) -> None:
+    """The state after the teardown block: no resource of any kind, no state file."""
+    sm = boto3.client("sagemaker", region_name=REGION)
+    aas = boto3.client("application-autoscaling", region_name=REGION)
+    assert sm.list_endpoints()["Endpoints"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
+    assert sm.list_models()["Models"] == []
+    assert aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+    assert aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
+    assert boto3.client("s3", region_name=REGION).list_buckets()["Buckets"] == []
+    assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"] == []
+    assert list(state_dir.glob("*.json")) == []
+
+
 @pytest.mark.slow
 def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: Path, moto_url: str,
                              local_image: str) -> None:
@@ -95,32 +132,7 @@ def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: 
     assert [r["details"]["digest"] for r in state["resources"] if r["kind"] == "ecr-image"] == [digest]
     assert "endpoint smollm2: Updating" in guide.stderr and "smoke test answer" in guide.stderr
 
-    sm = boto3.client("sagemaker", region_name=REGION)
-    endpoint = sm.describe_endpoint(EndpointName="smollm2")
-    assert endpoint["EndpointStatus"] == "InService"
-    config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
-    [variant] = config["ProductionVariants"]
-    assert {k: v for k, v in variant.items() if k != "ModelName"} == {
-        "VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.g4dn.xlarge",
-        "InitialVariantWeight": 1.0, "ModelDataDownloadTimeoutInSeconds": 1200,
-        "ContainerStartupHealthCheckTimeoutInSeconds": 600}
-    assert sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"] == {
-        "Image": image_uri,
-        "ModelDataSource": {"S3DataSource": {"S3Uri": model_data, "S3DataType": "S3Prefix", "CompressionType": "None"}},
-        "Environment": {"OAI_ENABLED": "true", "SM_NUM_GPUS": "1", "MAX_TOTAL_TOKENS": "8192"}}
-    assert len(sm.list_models()["Models"]) == 1  # step 3's model was retired by step 5
-    aas = boto3.client("application-autoscaling", region_name=REGION)
-    [target] = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
-    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
-        "endpoint/smollm2/variant/AllTraffic", 1, 4)
-    assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"][0]["repositoryName"] == (
-        "sagemaker-llm-serve")
+    assert_deployed(image_uri, model_data)
 
     run_bash(readme_block("deploy-teardown"), aws_env)
-    assert sm.list_endpoints()["Endpoints"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
-    assert sm.list_models()["Models"] == []
-    assert aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
-    assert aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
-    assert boto3.client("s3", region_name=REGION).list_buckets()["Buckets"] == []
-    assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"] == []
-    assert list(Path(aws_env["DEPLOY_STATE_DIR"]).glob("*.json")) == []
+    assert_nothing_left(Path(aws_env["DEPLOY_STATE_DIR"]))
