@@ -82,7 +82,7 @@ def assert_deployed(image_uri: str, model_data: str) -> None:
     assert sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"] == {
         "Image": image_uri,
         "ModelDataSource": {"S3DataSource": {"S3Uri": model_data, "S3DataType": "S3Prefix", "CompressionType": "None"}},
-        "Environment": {"OAI_ENABLED": "true", "SM_NUM_GPUS": "1", "MAX_TOTAL_TOKENS": "8192"}}
+        "Environment": {"OAI_ENABLED": "true", "SM_NUM_GPUS": "1", "MAX_TOTAL_TOKENS": "8192", "DTYPE": "float16"}}
     assert len(sm.list_models()["Models"]) == 1  # step 3's model was retired by step 5
     aas = boto3.client("application-autoscaling", region_name=REGION)
     [target] = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
