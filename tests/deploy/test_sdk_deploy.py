@@ -45,3 +45,17 @@ def test_sdk_deploy_matches_boto3_deploy_and_updates_in_place(aws: Aws, role_arn
         teardown.delete_all(aws, state, wait_timeout=30, poll=0.2)
     assert sm.list_endpoints()["Endpoints"] == [] and sm.list_models()["Models"] == []
     assert sm.list_endpoint_configs()["EndpointConfigs"] == []
+
+
+def test_cli_sdk_flag_deploys_and_delete_cleans_up(aws_env: dict[str, str], role_arn: str) -> None:
+    from tests.deploy.test_errors import run_cli
+
+    created = run_cli("deploy", "--sdk", "--name", "cli-sdk", "--image-uri", IMAGE, "--role", "SageMakerExecution",
+                      "--instance-type", "ml.g4dn.xlarge", "--no-smoke-test", "--poll", "1", env=aws_env)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout == "cli-sdk\n" and "with the SageMaker SDK" in created.stderr
+    sm = boto3.client("sagemaker", region_name=REGION)
+    assert sm.describe_endpoint(EndpointName="cli-sdk")["EndpointStatus"] == "InService"
+    deleted = run_cli("delete", "--name", "cli-sdk", env=aws_env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert sm.list_endpoints()["Endpoints"] == [] and sm.list_models()["Models"] == []
