@@ -100,4 +100,5 @@ def test_sigterm_lets_eight_streams_finish(server):
         assert status == 200 and events[-1]["generated_text"]
     assert server.proc.wait(30) == 0
     print(f"8 streams drained; exit {time.monotonic() - t0:.1f}s after SIGTERM")
-    assert "draining" in server.logs()
+    logs = server.logs()
+    assert "SIGTERM: draining (8 requests in flight)" in logs and "(0 still in flight); exiting" in logs
