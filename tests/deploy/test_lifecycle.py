@@ -110,6 +110,8 @@ def test_update_in_place_keeps_autoscaling_and_retires_the_old_pair(aws: Aws, ro
     targets = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in targets] == [
         ("endpoint/smollm2/variant/AllTraffic", 1, 4)]
+    [policy] = aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    assert policy["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 30.0  # put back after the update
 
 
 def test_autoscaling_registers_the_variant_with_target_tracking(aws: Aws, role_arn: str) -> None:
@@ -128,6 +130,10 @@ def test_autoscaling_registers_the_variant_with_target_tracking(aws: Aws, role_a
         "TargetValue": 25.0,
         "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
         "ScaleInCooldown": 600, "ScaleOutCooldown": 30}
+    autoscaling.disable(aws, state, "smollm2", "AllTraffic")
+    assert aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+    assert aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
+    assert state.find("scalable-target") == [] and state.find("scaling-policy") == []
 
 
 def test_teardown_deletes_what_it_created_and_nothing_else(aws: Aws, role_arn: str, model_dir: Path) -> None:
