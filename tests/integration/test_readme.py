@@ -8,6 +8,7 @@ from run to run and are compared by type only.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -55,4 +56,15 @@ def test_readme_example_prints_what_the_readme_shows(auto_server, index):
     run = subprocess.run(["bash", "-c", cmd.replace("http://localhost:8080", auto_server.url)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert parse(kind, run.stdout) == parse(kind, shown)
+    assert same(parse(kind, run.stdout), parse(kind, shown))
+
+
+def same(got, shown) -> bool:
+    """Equal, except that floats (logprobs) may differ in the last digits with the batch's shape."""
+    if isinstance(got, float) and isinstance(shown, float):
+        return math.isclose(got, shown, abs_tol=1e-2)
+    if isinstance(got, dict) and isinstance(shown, dict):
+        return got.keys() == shown.keys() and all(same(got[k], shown[k]) for k in got)
+    if isinstance(got, list) and isinstance(shown, list):
+        return len(got) == len(shown) and all(same(a, b) for a, b in zip(got, shown, strict=True))
+    return got == shown
