@@ -37,10 +37,13 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _add_push(sub, common) -> None:
-    p = sub.add_parser("push", parents=[common], help="create the ECR repository if missing, tag, push",
-                       description="Push a local image to ECR, tagged with the project version and "
-                       "version-gitsha. Prints the image URI (the version-gitsha tag) to use with `deploy`.")
-    p.add_argument("--image", required=True, help="local image to push, e.g. sagemaker-llm-serve:cpu")
+    p = sub.add_parser("push", parents=[common], help="build, create the ECR repository if missing, tag, push",
+                       description="Push a local image (built first with --build) to ECR, tagged with the "
+                       "project version and version-gitsha. Prints the image URI (the version-gitsha tag) to use "
+                       "with `deploy`. Needs a running Docker engine.")
+    p.add_argument("--image", required=True, help="local image to push, e.g. sagemaker-llm-serve:gpu")
+    p.add_argument("--build", choices=("gpu", "cpu"), help="build --image first with container/imagebuild.py: "
+                   "gpu (CUDA torch, for SageMaker GPU instances) or cpu")
     p.add_argument("--repository", default="sagemaker-llm-serve", help="ECR repository name")
     p.add_argument("--registry-override", help="push to this host:port instead of the ECR registry, with the "
                    "ECR credentials (tests: a local registry); default $DEPLOY_REGISTRY_OVERRIDE")
@@ -149,7 +152,8 @@ def _dispatch(args: argparse.Namespace) -> str | None:
     aws = connect(args.region, args.profile)
     state = DeploymentState.load(args.name, aws.region, state_dir(args.state_dir))
     if args.command == "push":
-        return ecr.build_and_push(aws, state, args.image, args.repository, args.registry_override).image_uri
+        return ecr.build_and_push(aws, state, args.image, args.repository, args.registry_override,
+                                  args.build).image_uri
     if args.command == "upload-model":
         bucket = args.bucket or f"sagemaker-llm-serve-{aws.account_id}-{aws.region}"
         prefix = args.prefix or f"models/{args.name}"

@@ -150,10 +150,26 @@ def push_image(local_image: str, repository_uri: str, tags: list[str], auth: Reg
     return result
 
 
+def build_local_image(tag: str, variant: str) -> None:
+    """Build the Dockerfile as `tag` with the container's own build helper (cached rebuilds are quick)."""
+    try:
+        from container.imagebuild import build_image
+    except ImportError as exc:
+        raise DeployError(f"--build needs container/imagebuild.py from this checkout ({exc})") from exc
+    log(f"building {tag} ({variant}) with container/imagebuild.py")
+    try:
+        report = build_image(tag=tag, variant=variant)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        raise DeployError(f"image build failed: {exc}") from exc
+    log(f"built {tag}: {report.size_bytes / 1e9:.2f} GB in {report.timings.get('total_s', 0):.0f} s")
+
+
 def build_and_push(aws: Aws, state: DeploymentState, local_image: str, repository: str,
-                   registry_override: str | None = None) -> PushResult:
-    """The whole push step: repository, login, tags from version and git sha, push; recorded in state."""
+                   registry_override: str | None = None, build: str | None = None) -> PushResult:
+    """The whole push step: [build,] repository, login, version and git-sha tags, push; recorded in state."""
     override = registry_override or os.environ.get(REGISTRY_OVERRIDE_ENV) or None
+    if build:
+        build_local_image(local_image, build)
     repository_uri = ensure_repository(aws, repository, state)
     auth = registry_auth(aws)
     if override:

@@ -97,8 +97,7 @@ def _forward_headers(stream: bool) -> dict[str, str]:
             headers["Accept"] = request.headers["X-Amzn-SageMaker-Accept"]
         if "Content-Type" not in headers and "X-Amzn-SageMaker-Content-Type" in request.headers:
             headers["Content-Type"] = request.headers["X-Amzn-SageMaker-Content-Type"]
-    headers.setdefault("Content-Type", "application/octet-stream")
-    return headers
+    return headers  # no Content-Type from the caller: none is invented for the container
 
 
 class _Deadline:

@@ -3,7 +3,8 @@
 The two bash blocks between the deploy-guide and deploy-teardown markers are extracted from
 README.md and run with bash; only the environment differs from a user's: AWS_ENDPOINT_URL points at
 moto, DEPLOY_REGISTRY_OVERRIDE at a loopback `docker-registry` that accepts only the credentials
-moto's GetAuthorizationToken hands out, and MODEL_DIR at a small model directory.
+moto's GetAuthorizationToken hands out, MODEL_DIR at a small model directory, and VARIANT=cpu (the
+GPU image needs PyPI's CUDA torch, which this machine does not download).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: 
                            "finish_reason": "stop"}], "object": "chat.completion"}
     queue_invocation_result(moto_url, json.dumps(answer))
     with running_registry("AWS", ecr_password()) as registry:
-        env = {**aws_env, "MODEL_DIR": str(model_dir), "DEPLOY_REGISTRY_OVERRIDE": registry.host}
+        env = {**aws_env, "MODEL_DIR": str(model_dir), "DEPLOY_REGISTRY_OVERRIDE": registry.host, "VARIANT": "cpu"}
+        assert local_image == "sagemaker-llm-serve:cpu"  # what the guide builds and pushes with VARIANT=cpu
         guide = run_bash(readme_block("deploy-guide") + '\necho "IMAGE_URI=$IMAGE_URI MODEL_DATA=$MODEL_DATA"\n', env)
         # The sha is read from the printed URI: another commit may land while the guide runs.
         image_uri = re.search(r"^IMAGE_URI=(\S+)", guide.stdout, re.MULTILINE).group(1)
