@@ -153,8 +153,6 @@ def _invocations(rt: Runtime) -> Response:
 
 
 def _register_routes(app: Flask, rt: Runtime) -> None:
-    default = OPENAI if rt.settings.mode == "openai" else GENERATE
-
     @app.route("/ping", methods=["GET", "POST"])
     def ping() -> Response:
         if rt.ready:
@@ -178,6 +176,10 @@ def _register_routes(app: Flask, rt: Runtime) -> None:
         if custom is not None:
             response.headers["X-Amzn-SageMaker-Custom-Attributes"] = custom
         return response
+
+
+def _register_error_handlers(app: Flask, default: str) -> None:
+    """404/405/413 from routing, and any bug, as JSON in the server's default protocol shape."""
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -217,6 +219,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None,
     app = Flask("serve")
     app.extensions["serve.runtime"] = runtime
     _register_routes(app, runtime)
+    _register_error_handlers(app, OPENAI if settings.mode == "openai" else GENERATE)
     return app
 
 
