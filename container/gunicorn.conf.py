@@ -81,4 +81,7 @@ accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 proc_name = "sagemaker-llm-serve"
+# gunicorn 27's control socket lives at one per-user path: several servers on a host (tests, a dev
+# server beside a container) would take it from each other, and nothing here uses it.
+control_socket_disable = True
 
