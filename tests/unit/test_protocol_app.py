@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 
 import pytest
@@ -134,3 +135,29 @@ def test_jsonlines_in_a_plain_process(small_engine, tokenizer):
     assert out[0][0]["generated_text"].startswith("hello there")
     assert out[1]["error_type"] == "validation" and "cannot be empty" in out[2]["error"]
     assert out[3]["object"] == "chat.completion"
+
+
+def test_chat_stream_carries_logprobs_and_usage(small_engine, tokenizer):
+    c = client_for(small_engine, tokenizer)
+    body = {**CHAT, "max_tokens": 6, "logprobs": True, "top_logprobs": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events = [e for e in c.post("/invocations", json=body).get_data(as_text=True).split("\n\n") if e]
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    plain = c.post("/invocations", json={**body, "stream": False}).get_json()
+    streamed = [lp for ch in chunks if ch["choices"] and ch["choices"][0]["logprobs"]
+                for lp in ch["choices"][0]["logprobs"]["content"]]
+    assert [lp["token"] for lp in streamed] == [lp["token"] for lp in plain["choices"][0]["logprobs"]["content"]]
+    assert all(len(lp["top_logprobs"]) == 2 for lp in streamed)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert all(ch["usage"] is None for ch in chunks[:-1])
+
+
+def test_completions_best_of_keeps_the_n_most_likely(small_engine, tokenizer):
+    c = client_for(small_engine, tokenizer)
+    body = {"prompt": "hello", "max_tokens": 4, "temperature": 1.0, "seed": 3, "n": 1, "best_of": 2,
+            "logprobs": 0}
+    out = c.post("/invocations", json=body).get_json()
+    assert len(out["choices"]) == 1 and out["usage"]["completion_tokens"] == 8  # both were generated
+    both = c.post("/invocations", json={**body, "n": 2}).get_json()["choices"]
+    scores = [sum(ch["logprobs"]["token_logprobs"]) for ch in both]
+    assert math.isclose(sum(out["choices"][0]["logprobs"]["token_logprobs"]), max(scores), abs_tol=1e-4)
