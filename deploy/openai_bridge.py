@@ -166,7 +166,7 @@ class _SSEStream(httpx.SyncByteStream):
         self.response, self.decoder = response, EventStreamDecoder()
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.response.iter_raw():
+        for chunk in self.response.iter_bytes():
             yield from self.decoder.feed(chunk)
 
     def close(self) -> None:
@@ -178,7 +178,7 @@ class _AsyncSSEStream(httpx.AsyncByteStream):
         self.response, self.decoder = response, EventStreamDecoder()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.response.aiter_raw():
+        async for chunk in self.response.aiter_bytes():
             for payload in self.decoder.feed(chunk):
                 yield payload
 
