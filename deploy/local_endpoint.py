@@ -104,7 +104,7 @@ class _Deadline:
     """Closes the upstream response when time is up, which unblocks a read stuck in the socket."""
 
     def __init__(self, seconds: float):
-        self.expired = False
+        self._fired = False
         self._end = time.monotonic() + seconds  # the clock runs from the request, not from the headers
         self._resp: requests.Response | None = None
         self._timer: threading.Timer | None = None
@@ -116,8 +116,18 @@ class _Deadline:
         self._timer.daemon = True
         self._timer.start()
 
+    @property
+    def fired(self) -> bool:
+        """The timer closed the response."""
+        return self._fired
+
+    @property
+    def expired(self) -> bool:
+        """Time is up (also when a socket time-out beat the timer thread to it)."""
+        return self._fired or time.monotonic() >= self._end
+
     def _fire(self) -> None:
-        self.expired = True
+        self._fired = True
         if self._resp is not None:
             self._resp.close()
 
@@ -152,11 +162,11 @@ def invoke(cfg: RuntimeConfig, name: str, ep: EndpointConfig, body: bytes) -> Re
     except (requests.RequestException, AttributeError, ValueError) as exc:
         if not deadline.expired:
             return model_error(cfg, name, ep, 0, f"The container closed the connection: {exc}")
-        content = b""
+        return model_error(cfg, name, ep, 0, TIMEOUT_MESSAGE)
     finally:
         deadline.cancel()
         upstream.close()
-    if deadline.expired:
+    if deadline.fired:  # the timer closed the response, which may end the read without an error
         return model_error(cfg, name, ep, 0, TIMEOUT_MESSAGE)
     if upstream.status_code >= 400:
         return model_error(cfg, name, ep, upstream.status_code, content.decode("utf-8", "replace"))
@@ -187,7 +197,8 @@ def _frames(ep: EndpointConfig, upstream: requests.Response, deadline: _Deadline
     finally:
         deadline.cancel()
         upstream.close()
-    if deadline.expired:
+    # Closing the response from the timer may end the read quietly or with an error: both are a time-out.
+    if deadline.fired or (failure is not None and deadline.expired):
         failure = ("ModelInvocationTimeExceeded",
                    "Your model primary did not complete sending the inference response in the allotted time.")
     if failure is not None:
