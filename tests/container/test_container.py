@@ -16,7 +16,9 @@ import pytest
 
 from container.dockerengine import docker
 
-pytestmark = pytest.mark.slow
+# A cold first run builds the image (about 4 min here) inside the first test's setup: more than
+# pytest's default 600 s must be allowed for a loaded CI machine. Every wait inside is bounded.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
 
