@@ -3,18 +3,12 @@
     python -m deploy.local_endpoint --endpoint my-llm=http://127.0.0.1:8080 --port 8081
     boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:8081").invoke_endpoint(...)
 
-It behaves as the service does (botocore's sagemaker-runtime model and the developer guide):
-- `POST /endpoints/{name}/invocations` and `/invocations-response-stream`; an unknown name is a
-  400 `ValidationError` "Endpoint NAME of account ACCOUNT not found.".
-- Only the headers the API defines reach the container (Content-Type, Accept, Custom-Attributes,
-  Target-Model, Inference-Id, Session-Id); only Content-Type and Custom-Attributes come back, plus
-  `x-Amzn-Invoked-Production-Variant`. The stream's Accept arrives as `X-Amzn-SageMaker-Accept`.
-- Bodies over 6 MB (6291456 bytes) are refused before reaching the container.
-- The container has 60 s to answer; a container status >= 400 (or a time-out) becomes `ModelError`
-  (HTTP 424) with `OriginalStatusCode`, `OriginalMessage` and `LogStreamArn`.
-- Streams are `application/vnd.amazon.eventstream` `PayloadPart` events, one per container write, or
-  cut into parts of N bytes (`--part-size`), or regrouped across event boundaries (`--regroup`); a
-  broken or overlong stream ends with a `ModelStreamError` exception frame.
+It behaves as the service does (botocore's sagemaker-runtime model, the developer guide): only the
+API's headers pass, 6 MB bodies, 60 s for the container, container errors wrapped as `ModelError`
+(424 + OriginalStatusCode/OriginalMessage/LogStreamArn), streams as `PayloadPart` event-stream
+frames (one per container write, `--part-size` N-byte parts, or `--regroup`ed across event
+boundaries) ending with a `ModelStreamError` frame when the stream breaks or runs too long.
+The README's `clients` section has the details.
 """
 
 from __future__ import annotations
