@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import socket
-import textwrap
 from pathlib import Path
 
 import nbformat
@@ -72,7 +71,8 @@ def test_notebook_runs_and_outputs_are_current(name: str, tmp_path: Path) -> Non
 
 
 FAILING = [
-    "import _local\nstack = _local.LocalStack()\nstack.start_aws()\nstack.start_registry()",
+    f"import sys\nsys.path.insert(0, {str(NOTEBOOKS)!r})\nimport _local\n"
+    "stack = _local.LocalStack()\nstack.start_aws()\nstack.start_registry()",
     "raise RuntimeError('a cell fails half-way')",
     "stack.close()",
 ]
@@ -81,14 +81,10 @@ FAILING = [
 @pytest.mark.timeout(300)
 def test_a_failing_notebook_still_stops_what_it_started(tmp_path: Path) -> None:
     """The last cell never runs; the kernel's exit stops moto, the runtime and the registry process."""
-    path = NOTEBOOKS / "_failing_test.ipynb"  # beside _local.py, which the notebook imports
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(textwrap.dedent(c)) for c in FAILING])
-    nbformat.write(nb, path)
-    try:
-        with pytest.raises(CellExecutionError, match="a cell fails half-way"):
-            run_recording(path, tmp_path)
-    finally:
-        path.unlink()
+    path = tmp_path / "failing.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in FAILING]), path)
+    with pytest.raises(CellExecutionError, match="a cell fails half-way"):
+        run_recording(path, tmp_path)
     addresses = (tmp_path / "addresses.txt").read_text().split()
     assert len(addresses) == 3  # moto, the local runtime, the registry
     assert [a for a in addresses if listening(a)] == []
