@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from serve.protocol.errors import validation
+from serve.protocol.fields import StopSequences
 
 
 class GenerateParameters(BaseModel):
@@ -29,7 +30,7 @@ class GenerateParameters(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     return_full_text: bool | None = None
     seed: int | None = Field(default=None, ge=0)
-    stop: list[StrictStr] = Field(default_factory=list)
+    stop: StopSequences = Field(default_factory=list)
     temperature: float | None = Field(default=None, ge=0.0)
     top_k: int | None = Field(default=None, gt=0)
     top_n_tokens: int | None = Field(default=None, ge=0)
@@ -38,18 +39,6 @@ class GenerateParameters(BaseModel):
     typical_p: float | None = Field(default=None, gt=0.0, le=1.0)
     watermark: bool = False
     adapter_id: str | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_may_be_a_string(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else ([] if value is None else value)
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(s == "" for s in value):
-            raise ValueError("stop sequences must not be empty strings")
-        return value
 
     @model_validator(mode="after")
     def _best_of_rules(self) -> GenerateParameters:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from serve.protocol.errors import validation
+from serve.protocol.fields import StopSequences
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: list[StrictStr] = Field(default_factory=list)
+    stop: StopSequences = Field(default_factory=list)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None
@@ -76,18 +77,6 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_may_be_a_string(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else ([] if value is None else value)
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(s == "" for s in value):
-            raise ValueError("stop sequences must not be empty strings")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
