@@ -140,12 +140,14 @@ class Engine:
     @property
     def batch_size(self) -> int:
         """Rows in the running batch (for tests and metrics)."""
-        return self._batch.size if self._batch is not None else 0
+        batch = self._batch  # read once: the engine thread may drop it meanwhile
+        return batch.size if batch is not None else 0
 
     @property
     def cache_shape(self) -> tuple[int, ...] | None:
         """Shape of layer 0's live keys, [B, H, T, D] (for tests and metrics)."""
-        return tuple(self._batch.layers[0].keys.shape) if self._batch is not None else None
+        batch = self._batch
+        return tuple(batch.layers[0].keys.shape) if batch is not None else None
 
     # -- the loop -----------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -12,6 +12,14 @@ from serve.engine.request import EngineError, FinishReason, GenerationRequest, P
 from tests.unit.conftest import forced, generate_alone
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    """Poll a condition the engine thread will make true (bounded, so a bug fails instead of hanging)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
 def collect(handle):
     """All token events of a handle."""
     return [ev for ev in handle if not isinstance(ev, PrefillEvent)]
@@ -93,21 +101,16 @@ def test_cancel_frees_rows_within_one_step(engine, tokenizer):
     it_keep, it_victim = iter(keep), iter(victim)
     for _ in range(3):
         next(it_keep), next(it_victim)
-    while engine.batch_size != 3:
-        time.sleep(0.001)
-    rows_before, shape_before = engine.batch_size, engine.cache_shape
+    wait_for(lambda: engine.batch_size == 3 and (engine.cache_shape or (0,))[0] == 3)
     step_at_cancel = engine.steps
     victim.cancel()
-    while engine.batch_size != 1:
-        time.sleep(0.001)
+    # The engine thread updates the row count and the cache one after the other: wait for both.
+    wait_for(lambda: engine.batch_size == 1 and (engine.cache_shape or (0,))[0] == 1)
     assert engine.steps - step_at_cancel <= 2  # the step running at cancel time, then the next one
-    assert rows_before == 3 and shape_before[0] == 3
-    assert engine.cache_shape[0] == 1
     assert engine.active_requests == 1
     keep.cancel()
-    while engine.batch_size:
-        time.sleep(0.001)
-    assert engine.cache_shape is None and engine.active_requests == 0
+    wait_for(lambda: engine.cache_shape is None)
+    assert engine.batch_size == 0 and engine.active_requests == 0
 
 
 def test_failure_in_sampling_fails_only_that_request(engine, tokenizer):
