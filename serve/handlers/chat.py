@@ -65,13 +65,19 @@ def check_stop_count(rt: Runtime, stop: list[str]) -> None:
         )
 
 
-def handle(rt: Runtime, body: Any) -> common.Reply:
-    """Answer one chat completion request (SPEC section 4)."""
-    req: proto.ChatCompletionRequest = common.parse(proto.ChatCompletionRequest, body)
-    if extra := proto.unknown_fields(proto.ChatCompletionRequest, body):
-        log.debug("ignoring unknown chat fields: %s", extra)
+def parse_openai(rt: Runtime, schema: Any, body: Any) -> Any:
+    """Validate an OpenAI body (chat or legacy): schema, unknown fields logged, stop and bias limits."""
+    req = common.parse(schema, body)
+    if extra := proto.unknown_fields(schema, body):
+        log.debug("ignoring unknown %s fields: %s", schema.__name__, extra)
     check_stop_count(rt, req.stop)
     common.check_logit_bias(rt, req.logit_bias)
+    return req
+
+
+def handle(rt: Runtime, body: Any) -> common.Reply:
+    """Answer one chat completion request (SPEC section 4)."""
+    req: proto.ChatCompletionRequest = parse_openai(rt, proto.ChatCompletionRequest, body)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     ids = chat_template.encode_messages(rt.tokenizer, messages, rt.settings.chat_template)
     common.check_input(rt, ids, "messages")

@@ -11,7 +11,7 @@ from typing import Any
 from serve.engine.request import GenerationRequest, PrefillEvent
 from serve.engine.stopping import holdback_length
 from serve.handlers import common
-from serve.handlers.chat import FINGERPRINT, check_stop_count, content_of, finish_reason, openai_params, usage
+from serve.handlers.chat import FINGERPRINT, content_of, finish_reason, openai_params, parse_openai, usage
 from serve.handlers.runtime import Runtime
 from serve.protocol import errors
 from serve.protocol import openai as proto
@@ -66,11 +66,7 @@ def _submit_all(rt: Runtime, req: proto.CompletionRequest) -> list[tuple[Any, in
 
 def handle(rt: Runtime, body: Any) -> common.Reply:
     """Answer one legacy completion request."""
-    req: proto.CompletionRequest = common.parse(proto.CompletionRequest, body)
-    if extra := proto.unknown_fields(proto.CompletionRequest, body):
-        log.debug("ignoring unknown completion fields: %s", extra)
-    check_stop_count(rt, req.stop)
-    common.check_logit_bias(rt, req.logit_bias)
+    req: proto.CompletionRequest = parse_openai(rt, proto.CompletionRequest, body)
     handles = _submit_all(rt, req)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or rt.model_name,
             "system_fingerprint": FINGERPRINT}
