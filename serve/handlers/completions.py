@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from serve.handlers.runtime import Runtime
 from serve.protocol import errors
 from serve.protocol import openai as proto
 
-log = logging.getLogger(__name__)
 
 
 def legacy_logprobs(tokens: list[Any], tops: list[list[Any]], k: int, offset: int) -> dict[str, Any]:
