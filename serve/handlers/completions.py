@@ -16,7 +16,6 @@ from serve.protocol import errors
 from serve.protocol import openai as proto
 
 
-
 def legacy_logprobs(tokens: list[Any], tops: list[list[Any]], k: int, offset: int) -> dict[str, Any]:
     """The pre-chat logprobs shape: parallel lists plus character offsets."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
