@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import requests
 from flask import Flask, Response, request
@@ -260,20 +261,19 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class LocalRuntime:
-    """The runtime served from a background thread (tests, notebooks): `with LocalRuntime(cfg) as rt`."""
+class BackgroundServer:
+    """A WSGI app served from a daemon thread on loopback: `with BackgroundServer(app) as srv: srv.url`."""
 
-    def __init__(self, cfg: RuntimeConfig, host: str = "127.0.0.1", port: int = 0):
-        self.server: BaseWSGIServer = make_server(host, port, create_app(cfg), threaded=True,
-                                                  request_handler=_QuietHandler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="local-runtime", daemon=True)
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "wsgi-server"):
+        self.server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name=name, daemon=True)
 
     @property
     def url(self) -> str:
-        """Base URL to give boto3 as `endpoint_url`."""
+        """Base URL of the server (for the runtime: what boto3 gets as `endpoint_url`)."""
         return f"http://{self.server.host}:{self.server.port}"
 
-    def __enter__(self) -> LocalRuntime:
+    def __enter__(self):
         self.thread.start()
         return self
 
@@ -281,6 +281,13 @@ class LocalRuntime:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+
+
+class LocalRuntime(BackgroundServer):
+    """The runtime served from a background thread (tests, notebooks): `with LocalRuntime(cfg) as rt`."""
+
+    def __init__(self, cfg: RuntimeConfig, host: str = "127.0.0.1", port: int = 0):
+        super().__init__(create_app(cfg), host, port, name="local-runtime")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,17 +8,12 @@ streams N events, `drip` streams them slowly, `break` streams two events then dr
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
 from flask import Flask, Response, request
-from werkzeug.serving import WSGIRequestHandler, make_server
 
-
-class _Quiet(WSGIRequestHandler):
-    def log_request(self, *args: object, **kwargs: object) -> None:
-        pass
+from deploy.local_endpoint import BackgroundServer
 
 
 def _sse(n: int) -> Iterator[bytes]:
@@ -66,21 +61,8 @@ def create_stub() -> Flask:
     return app
 
 
-class StubContainer:
+class StubContainer(BackgroundServer):
     """`with StubContainer() as stub: stub.url`."""
 
     def __init__(self) -> None:
-        self.server = make_server("127.0.0.1", 0, create_stub(), threaded=True, request_handler=_Quiet)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
-
-    def __enter__(self) -> StubContainer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(create_stub(), name="stub-container")
