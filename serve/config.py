@@ -75,10 +75,12 @@ class Settings:
     trust_remote_code: bool = False
     num_gpus: int | None = None  # None: all visible
     dtype: str | None = None
+    cpu_packed_linear: bool = True  # CPU: linear layers on oneDNN-packed weights
     max_input_tokens: int | None = None  # None: from the model's context length
     max_total_tokens: int | None = None
     max_batch_prefill_tokens: int | None = None  # None: sized from free memory
     max_batch_total_tokens: int | None = None
+    prefix_cache_tokens: int | None = None  # None: min(8192, 1/8 of the KV budget); 0: off
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
@@ -105,10 +107,12 @@ class Settings:
             trust_remote_code=bool(_flag(env, "HF_MODEL_TRUST_REMOTE_CODE")),
             num_gpus=_int(env, "SM_NUM_GPUS", None, minimum=0),
             dtype=_dtype(env),
+            cpu_packed_linear=_flag(env, "CPU_PACKED_LINEAR") is not False,
             max_input_tokens=_int(env, "MAX_INPUT_TOKENS", None) or _int(env, "MAX_INPUT_LENGTH", None),
             max_total_tokens=_int(env, "MAX_TOTAL_TOKENS", None),
             max_batch_prefill_tokens=_int(env, "MAX_BATCH_PREFILL_TOKENS", None),
             max_batch_total_tokens=_int(env, "MAX_BATCH_TOTAL_TOKENS", None),
+            prefix_cache_tokens=_int(env, "PREFIX_CACHE_TOKENS", None, minimum=0),
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128),
             max_stop_sequences=_int(env, "MAX_STOP_SEQUENCES", 4, minimum=0),
             max_top_n_tokens=_int(env, "MAX_TOP_N_TOKENS", 5, minimum=0),

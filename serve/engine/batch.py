@@ -6,7 +6,7 @@ and hands the model views of the live [B, H, T, D] corner. So:
 - a decode step writes one column (transformers' DynamicLayer re-concatenates the cache each step);
 - a finished row leaves by moving the last row into its slot (one row copied, not the batch);
 - newcomers are written into free rows, right-aligned with the others;
-- leading columns that became padding for every row are dropped only when they waste a lot.
+- columns that became padding for every row are dropped only when they waste a lot.
 No cached token is ever recomputed.
 """
 
@@ -88,16 +88,49 @@ class KVBatch:
         return self.mask.shape[1]
 
     @staticmethod
-    def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device) -> dict:
-        """Left-padded model inputs for a prefill of `prompts`."""
-        width = max(len(p) for p in prompts)
+    def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device, num_layers: int,
+                       prefixes: Sequence[list[torch.Tensor] | None] | None = None) -> tuple[dict, Cache]:
+        """Left-padded model inputs for a prefill of `prompts`, and the cache to prefill into.
+
+        `prefixes[i]`, when given, holds the keys and values of the first tokens of prompt i (per
+        layer, [2, kv_heads, p_i, head_dim], from the prefix cache): those are written into the
+        cache right-aligned in the first P = max(p_i) columns, and only the rest of each prompt is
+        fed to the model, left-padded after them. Row i then reads
+        `[pad | prefix_i | pad | rest_i]`; the gap is masked like any padding.
+        """
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(prompts)
+        done = [p[0].shape[2] if p is not None else 0 for p in prefixes]
+        rests = [prompt[n:] for prompt, n in zip(prompts, done, strict=True)]
+        head, width = max(done), max(len(r) for r in rests)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+        mask = torch.zeros((len(prompts), head + width), dtype=torch.long)
+        for i, (rest, n) in enumerate(zip(rests, done, strict=True)):
+            ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[i, head - n : head] = 1
+            mask[i, head + width - len(rest) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, head:]
+        cache = new_cache(num_layers)
+        if head:
+            for layer_idx, layer in enumerate(cache.layers):
+                ref = prefixes[done.index(head)][layer_idx][0]
+                layer.lazy_initialization(ref[None], ref[None])
+                layer.reserve(len(prompts), head + width + COL_CHUNK, like=ref[None])
+                for i, prefix in enumerate(prefixes):
+                    if prefix is not None:
+                        layer.kbuf[i, :, head - done[i] : head] = prefix[layer_idx][0]
+                        layer.vbuf[i, :, head - done[i] : head] = prefix[layer_idx][1]
+                layer.set_live(len(prompts), head)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+        return inputs, cache
+
+    def row_kv(self, row: int) -> list[torch.Tensor]:
+        """A copy of the keys and values of one row's real tokens: per layer, [2, kv_heads, tokens, head_dim]."""
+        cols = self.mask[row].nonzero().squeeze(1)
+        out = []
+        for layer in self.layers:
+            idx = cols.to(layer.keys.device)
+            out.append(torch.stack([layer.keys[row].index_select(1, idx), layer.values[row].index_select(1, idx)]))
+        return out
 
     @classmethod
     def from_prefill(cls, cache: Cache, inputs: dict) -> KVBatch:
@@ -154,18 +187,21 @@ class KVBatch:
             layer.vbuf[dst, :, : layer.length] = layer.vbuf[src, :, : layer.length]
 
     def _trim(self) -> None:
-        """Drop leading all-padding columns, but only when they are a real waste (it copies the cache)."""
+        """Drop columns that are padding for every row (leading ones, and the gaps prefix reuse leaves),
+        but only when they are a real waste: it copies the cache."""
         if self.size == 0:
             return
-        longest = int(self.mask.sum(dim=1).max())  # a host sync, only when rows leave
-        waste = self.length - longest
-        if waste < max(COL_CHUNK, self.length // 4):
+        live = self.mask.any(dim=0)
+        kept = int(live.sum())  # a host sync, only when rows leave
+        if self.length - kept < max(COL_CHUNK, self.length // 4):
             return
+        cols = live.nonzero().squeeze(1)
         for layer in self.layers:
+            idx = cols.to(layer.kbuf.device)
             for buf in (layer.kbuf, layer.vbuf):
-                buf[: self.size, :, :longest] = buf[: self.size, :, waste : self.length].clone()
-            layer.set_live(self.size, longest)
-        self.mask = self.mask[:, waste:].contiguous()
+                buf[: self.size, :, :kept] = buf[: self.size, :, : self.length].index_select(2, idx)
+            layer.set_live(self.size, kept)
+        self.mask = self.mask.index_select(1, cols)
 
     def add(self, other: KVBatch) -> None:
         """Append the rows of `other` below ours, right-aligned at the common length."""

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from serve.engine.batch import KVBatch, new_cache
+from serve.engine.batch import KVBatch
 from serve.engine.channel import OSEvent, RequestHandle, _original
 from serve.engine.detokenize import TokenTexts
+from serve.engine.prefix_cache import PrefixCache
 from serve.engine.request import (
     EngineOverloaded,
     EngineUnavailable,
@@ -63,6 +64,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         self.token_text = TokenTexts(tokenizer)
         self.scheduler = Scheduler(config)
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         # Raw locks only: this object is shared between a real OS thread and gevent greenlets.
         self._lock = _original("_thread", "allocate_lock")()
@@ -211,14 +213,18 @@ class Engine:
 
     def _prefill_group(self, group: list[RequestState]) -> None:
         prompts = [r.request.prompt_ids for r in group]
-        inputs = KVBatch.prefill_inputs(prompts, self.pad_id, self.device)
+        # Prompt logprobs need every prompt position computed, so those requests skip the prefix cache.
+        prefixes = [None if r.params.prefill_logprobs else self.prefix_cache.lookup(p) for r, p in zip(group, prompts)]
+        inputs, cache = KVBatch.prefill_inputs(prompts, self.pad_id, self.device, self.num_layers, prefixes)
         want_prompt_lp = any(r.params.prefill_logprobs for r in group)
         kwargs = {"logits_to_keep": 0 if want_prompt_lp else 1} if self._keep_arg else {}
-        cache = new_cache(self.num_layers)
         logits = self.model(**inputs, past_key_values=cache, use_cache=True, **kwargs).logits
         if want_prompt_lp:
-            self._send_prompt_logprobs(group, logits, inputs["attention_mask"])
+            self._send_prompt_logprobs(group, logits)
         batch = KVBatch.from_prefill(cache, inputs)
+        for i, p in enumerate(prompts):
+            if self.prefix_cache.wants(p):
+                self.prefix_cache.insert(p, batch.row_kv(i))
         repeats = [r.n for r in group]
         rows = [self._new_row(r, k) for r in group for k in range(r.n)]
         last = logits[:, -1, :]
@@ -239,7 +245,7 @@ class Engine:
             seed = p.seed + k if p.seed is not None else random.getrandbits(63)
         return SequenceState(req, k, seed, self.tokenizer, self.eos_token_ids, self.special_ids)
 
-    def _send_prompt_logprobs(self, group, logits: torch.Tensor, mask: torch.Tensor) -> None:
+    def _send_prompt_logprobs(self, group, logits: torch.Tensor) -> None:
         width = logits.shape[1]
         for i, req in enumerate(group):
             if not req.params.prefill_logprobs:

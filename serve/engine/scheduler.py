@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOKENS = 4096  # TGI's default for MAX_BATCH_PREFILL_TOKENS
 CPU_MEMORY_FRACTION = 0.3  # of free RAM given to the KV cache on CPU (the rest: weights, activations)
 GPU_MEMORY_FRACTION = 0.8  # of free device memory after the weights are loaded
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # prompt tokens kept for prefix reuse (at most 1/8 of the KV budget)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class EngineConfig:
     max_total_tokens: int
     max_concurrent_requests: int = 128
     max_batch_size: int | None = None
+    prefix_cache_tokens: int = 0
 
     @classmethod
     def from_model(
@@ -37,6 +39,7 @@ class EngineConfig:
         max_input_tokens: int | None = None,
         max_total_tokens: int | None = None,
         max_batch_size: int | None = None,
+        prefix_cache_tokens: int | None = None,
     ) -> EngineConfig:
         """Fill unset values from the model's context length and free memory (SPEC section 2)."""
         context = context_length(model)
@@ -47,10 +50,17 @@ class EngineConfig:
         prefill = max_batch_prefill_tokens or max(DEFAULT_PREFILL_TOKENS, inp)
         if prefill < inp:
             raise ValueError(f"MAX_BATCH_PREFILL_TOKENS ({prefill}) must be >= MAX_INPUT_TOKENS ({inp})")
-        batch_total = max_batch_total_tokens or kv_token_budget(model)
+        batch_total = max_batch_total_tokens
+        if batch_total is None:  # sized from free memory, which the prefix cache shares
+            budget = kv_token_budget(model)
+            if prefix_cache_tokens is None:
+                prefix_cache_tokens = min(DEFAULT_PREFIX_CACHE_TOKENS, budget // 8)
+            batch_total = budget - prefix_cache_tokens
+        elif prefix_cache_tokens is None:
+            prefix_cache_tokens = min(DEFAULT_PREFIX_CACHE_TOKENS, batch_total // 8)
         if batch_total < total:
             raise ValueError(f"MAX_BATCH_TOTAL_TOKENS ({batch_total}) must be >= MAX_TOTAL_TOKENS ({total})")
-        return cls(prefill, batch_total, inp, total, max_concurrent_requests, max_batch_size)
+        return cls(prefill, batch_total, inp, total, max_concurrent_requests, max_batch_size, prefix_cache_tokens)
 
 
 def context_length(model) -> int:

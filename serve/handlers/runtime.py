@@ -85,7 +85,8 @@ class Runtime:
         t0 = time.monotonic()
         source = resolve_model(s.model_dir, s.hf_model_id, s.hf_model_revision)
         dtype = pick_dtype(s.dtype, on_gpu=_gpus_visible(s.num_gpus))
-        model, tokenizer = load_model(source, dtype, num_gpus=s.num_gpus, trust_remote_code=s.trust_remote_code)
+        model, tokenizer = load_model(source, dtype, num_gpus=s.num_gpus, trust_remote_code=s.trust_remote_code,
+                                      pack_linear=s.cpu_packed_linear)
         cfg = EngineConfig.from_model(
             model,
             max_batch_prefill_tokens=s.max_batch_prefill_tokens,
@@ -93,6 +94,7 @@ class Runtime:
             max_concurrent_requests=s.max_concurrent_requests,
             max_input_tokens=s.max_input_tokens,
             max_total_tokens=s.max_total_tokens,
+            prefix_cache_tokens=s.prefix_cache_tokens,
         )
         engine = Engine(model, tokenizer, cfg)
         engine.start()
@@ -102,11 +104,11 @@ class Runtime:
         devices = getattr(model, "hf_device_map", None) or str(next(model.parameters()).device)
         log.info(
             "serving model=%s source=%s reason=%r dtype=%s devices=%s max_input_tokens=%s max_total_tokens=%s "
-            "max_batch_prefill_tokens=%s max_batch_total_tokens=%s max_concurrent_requests=%s mode=%s "
+            "max_batch_prefill_tokens=%s max_batch_total_tokens=%s prefix_cache_tokens=%s max_concurrent_requests=%s mode=%s "
             "ready_in=%.1fs",
             self.model_name, source.path, source.reason, str(dtype).removeprefix("torch."), devices,
             cfg.max_input_tokens, cfg.max_total_tokens, cfg.max_batch_prefill_tokens, cfg.max_batch_total_tokens,
-            cfg.max_concurrent_requests, s.mode, time.monotonic() - t0,
+            cfg.prefix_cache_tokens, cfg.max_concurrent_requests, s.mode, time.monotonic() - t0,
         )
         self.status = Status.READY
 

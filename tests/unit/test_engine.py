@@ -271,3 +271,58 @@ def test_a_failed_decode_step_fails_that_batch_and_the_engine_goes_on(engine, to
             collect(h)
     after = collect(engine.submit(GenerationRequest(tokenizer.encode("after"), SamplingParams(max_new_tokens=5, ignore_eos=True))))
     assert len(after) == 5 and engine.healthy
+
+
+def test_prefix_cache_reuses_shared_prompt_starts_exactly(engine, model, tokenizer):
+    """Prompts that start like an earlier one skip that part of the prefill and still match generate."""
+    system = tokenizer.encode("You are a careful assistant who answers in one short paragraph. " * 2)
+    first = system + tokenizer.encode("Tell me about the sea.")
+    assert ids_of(collect(engine.submit(GenerationRequest(first, SamplingParams(max_new_tokens=8, ignore_eos=True))))) \
+        == generate_alone(model, first, 8)
+    hits_before = engine.prefix_cache.hit_tokens
+    prompts = [
+        system + tokenizer.encode("Tell me about the moon."),  # shares the system part and "Tell me about the"
+        system + tokenizer.encode("Why is the sky blue? Answer briefly, please."),
+        first,  # the same prompt again: all but its last token come from the cache
+        tokenizer.encode("An unrelated prompt that shares nothing with the others at all, really."),
+        system[:20] + tokenizer.encode("diverges early"),
+    ]
+    running = engine.submit(GenerationRequest(tokenizer.encode("busy row"), SamplingParams(max_new_tokens=40, ignore_eos=True)))
+    next(iter(running))  # the newcomers join a batch that is decoding
+    handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=20, ignore_eos=True))) for p in prompts]
+    for p, h in zip(prompts, handles):
+        assert ids_of(collect(h)) == generate_alone(model, p, 20)
+    collect(running)
+    hits = engine.prefix_cache.hit_tokens - hits_before
+    # at least the system part for the first two, the whole prompt but one token for the repeat, 20 for the last
+    assert hits >= 2 * len(system) + (len(first) - 1) + 20, hits
+    assert engine.batch_size == 0 and engine.cache_shape is None
+
+
+def test_prompt_logprobs_are_computed_even_when_the_prompt_is_cached(engine, model, tokenizer):
+    prompt = tokenizer.encode("A prompt that is long enough to be cached by the engine, surely it is. " * 2)
+    collect(engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))))
+    handle = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True,
+                                                                    prefill_logprobs=True)))
+    prefill = [ev for ev in handle if isinstance(ev, PrefillEvent)]
+    assert len(prefill) == 1 and len(prefill[0].tokens) == len(prompt)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+    expected = lp.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    got = torch.tensor([t.logprob for t in prefill[0].tokens[1:]])
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_cache_trim_with_prefix_gaps_keeps_rows_exact(engine, model, tokenizer):
+    """A row built from a cached prefix has a masked gap; trimming leading padding must not cut it."""
+    system = tokenizer.encode("Shared opening words for every request in this test. " * 2)
+    collect(engine.submit(GenerationRequest(system + [42], SamplingParams(max_new_tokens=1))))
+    long = tokenizer.encode("filler " * 200)
+    short = system + tokenizer.encode("and then a short question?")
+    assert engine.prefix_cache.lookup(short) is not None  # so the short row will have a gap (engine idle here)
+    long_h = engine.submit(GenerationRequest(long, SamplingParams(max_new_tokens=2, ignore_eos=True)))
+    short_h = engine.submit(GenerationRequest(short, SamplingParams(max_new_tokens=300, ignore_eos=True)))
+    collect(long_h)
+    # the long row's columns and the gap are dropped while the short row still decodes
+    wait_for(lambda: engine.cache_shape is not None and engine.cache_shape[2] < len(short) + 60)
+    assert ids_of(collect(short_h)) == generate_alone(model, short, 300)
