@@ -106,8 +106,12 @@ def load_model(
     dtype: torch.dtype,
     num_gpus: int | None = None,
     trust_remote_code: bool = False,
+    pack_linear: bool = True,
 ):
-    """Load (model, tokenizer) with accelerate placing the weights; the model is in eval mode."""
+    """Load (model, tokenizer) with accelerate placing the weights; the model is in eval mode.
+
+    `pack_linear`: on CPU, run the linear layers on oneDNN-packed weights (serve/cpu_linear.py).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device_map, max_memory = device_map_for(num_gpus)
@@ -121,6 +125,10 @@ def load_model(
         source.path, dtype=dtype, device_map=device_map, max_memory=max_memory, **kwargs
     )
     model.eval()
+    if pack_linear:
+        from serve.cpu_linear import pack_linear_layers
+
+        pack_linear_layers(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info(

@@ -1,0 +1,49 @@
+"""oneDNN-packed linear layers: same outputs as nn.Linear, and the engine stays exact on them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from serve.cpu_linear import PackedLinear, pack_linear_layers
+from serve.engine.engine import Engine, EngineConfig
+from serve.engine.request import GenerationRequest, SamplingParams
+from tests.unit.conftest import generate_alone, tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
+def test_packed_model_gives_the_same_logits(tokenizer, dtype, atol):
+    plain = tiny_llama(len(tokenizer), seed=3).to(dtype)
+    plain.config.tie_word_embeddings = True
+    plain.tie_weights()
+    packed = copy.deepcopy(plain)
+    assert pack_linear_layers(packed) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    assert isinstance(packed.lm_head, PackedLinear)
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight  # still tied
+    assert packed.get_output_embeddings().weight.shape == plain.lm_head.weight.shape
+    ids = torch.tensor([tokenizer.encode("Packed weights must not change the answer at all.")])
+    with torch.inference_mode():
+        want, got = plain(ids).logits.float(), packed(ids).logits.float()
+    assert torch.allclose(want, got, atol=atol, rtol=1e-2)
+    assert (want.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+
+def test_engine_on_a_packed_model_matches_generate(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=4)
+    pack_linear_layers(model)
+    engine = Engine(model, tokenizer, EngineConfig.from_model(model, max_batch_total_tokens=50_000))
+    engine.start()
+    try:
+        prompts = [tokenizer.encode("packed " * (1 + 5 * i) + f"row {i}") for i in range(6)]
+        handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=16, ignore_eos=True)))
+                   for p in prompts]
+        outs = [[ev.token.id for ev in h] for h in handles]
+    finally:
+        engine.shutdown()
+    with torch.inference_mode():
+        for p, out in zip(prompts, outs):
+            assert out == generate_alone(model, p, 16)
