@@ -123,7 +123,7 @@ def converted_model_dir() -> str:
     if not (CONVERTED / "config.json").exists():
         import torch
 
-        model, tokenizer = load_model(resolve_model("/nonexistent", None), torch.float32)
+        model, tokenizer = load_model(resolve_model("/nonexistent", None), torch.float32, pack_linear=False)
         model.config.architectures = [type(model).__name__]
         # The GGUF weights are already dequantized in memory; drop the quantizer so they save as-is.
         model.hf_quantizer = None
