@@ -29,7 +29,15 @@ import requests
 from serve.model_loading import load_model, resolve_model
 from tests.server import free_port, running_server
 
-TOPICS = ["the sea", "a dragon", "Paris", "bread", "a robot", "winter", "music", "a cat"]
+WHO = ["a sailor", "a dragon", "a baker", "a robot", "a painter", "a cat", "a king", "a child"]
+WHERE = ["in Paris", "at sea", "in winter", "on the moon", "in a forest", "in a desert", "in a castle", "in a small town"]
+
+
+def prompt(k: int) -> str:
+    """The k-th prompt of a server run: 64 distinct ones, so a prompt cache can only help with what
+    chat prompts really share (the template's preamble, "Write a long story about"), never by
+    seeing a whole prompt again."""
+    return f"Write a long story about {WHO[k % 8]} {WHERE[(k // 8) % 8]}."
 
 
 @dataclass
@@ -70,7 +78,8 @@ def stream_chat(target: Target, prompt: str, max_tokens: int, timeout: float) ->
     return Sample(stamps[0] - start, tpot, len(stamps))
 
 
-def run_level(target: Target, concurrency: int, rounds: int, max_tokens: int, timeout: float) -> dict:
+def run_level(target: Target, concurrency: int, rounds: int, max_tokens: int, timeout: float,
+              first_prompt: int = 0) -> dict:
     """C threads x `rounds` requests; returns throughput and latency percentiles."""
     samples: list[Sample] = []
     errors: list[str] = []
@@ -78,9 +87,8 @@ def run_level(target: Target, concurrency: int, rounds: int, max_tokens: int, ti
 
     def client(i: int) -> None:
         for r in range(rounds):
-            prompt = f"Write a long story about {TOPICS[(i + r) % len(TOPICS)]}."
             try:
-                s = stream_chat(target, prompt, max_tokens, timeout)
+                s = stream_chat(target, prompt(first_prompt + r * concurrency + i), max_tokens, timeout)
                 with lock:
                     samples.append(s)
             except Exception as exc:  # recorded, reported, never hidden
@@ -183,19 +191,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=["ours", "transformers-cb", "transformers"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    ap.add_argument("--rounds", type=int, default=2, help="requests per client thread at each level")
+    ap.add_argument("--rounds", type=int, default=1, help="requests per client thread at each level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds over every target and level; each level's best-throughput run is reported "
+                         "(this VM's neighbours make single runs vary by up to 30%%)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results: dict = {}
-    for name in args.targets:
-        with start(name, args.dtype) as target:
-            stream_chat(target, "Warm up.", 8, args.timeout)
-            for c in args.concurrency:
-                results.setdefault(name, {})[c] = row = run_level(target, c, args.rounds, args.max_tokens, args.timeout)
-                print(f"{name} C={c}: {json.dumps(row)}", flush=True)
+    runs: dict = {}
+    for r in range(args.repeat):  # whole rounds, targets alternating, so slow spells hit both alike
+        for name in args.targets:
+            with start(name, args.dtype) as target:
+                stream_chat(target, "Warm up.", 8, args.timeout)
+                used = 0
+                for c in args.concurrency:
+                    row = run_level(target, c, args.rounds, args.max_tokens, args.timeout, used)
+                    used += c * args.rounds
+                    runs.setdefault(name, {}).setdefault(c, []).append(row)
+                    best = results.setdefault(name, {}).get(c)
+                    if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
+                        results[name][c] = row
+                    print(f"{name} round {r + 1} C={c}: {json.dumps(row)}", flush=True)
     print(f"\n| target ({args.dtype}) | C | tok/s | TTFT p50 / p95 ms | TPOT p50 / p95 ms | errors |")
     print("|---|---|---|---|---|---|")
     for name, levels in results.items():
@@ -203,7 +222,7 @@ def main() -> None:
             print(f"| {name} | {c} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} | "
                   f"{r['tpot_p50_ms']:.0f} / {r['tpot_p95_ms']:.0f} | {r['error_count']} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"best": results, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def test_settings_defaults_and_overrides(tmp_path):
     s = Settings.from_env({})
     assert (s.port, s.max_concurrent_requests, s.max_stop_sequences, s.max_top_n_tokens) == (8080, 128, 4, 5)
     assert s.payload_limit == 6291456 and s.model_dir == "/opt/ml/model" and s.dtype is None
+    assert s.prefix_cache_tokens is None and s.cpu_packed_linear is True
+    s = Settings.from_env({"PREFIX_CACHE_TOKENS": "0", "CPU_PACKED_LINEAR": "false"})
+    assert s.prefix_cache_tokens == 0 and s.cpu_packed_linear is False
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     s = Settings.from_env({"SAGEMAKER_BIND_TO_PORT": "9000", "DTYPE": "bf16", "MAX_TOTAL_TOKENS": "512",
@@ -45,7 +48,8 @@ def test_settings_defaults_and_overrides(tmp_path):
     "env, words",
     [({"SAGEMAKER_BIND_TO_PORT": "x"}, "SAGEMAKER_BIND_TO_PORT"), ({"DTYPE": "int3"}, "DTYPE"),
      ({"OAI_ENABLED": "maybe"}, "OAI_ENABLED"), ({"MAX_CONCURRENT_REQUESTS": "0"}, "MAX_CONCURRENT_REQUESTS"),
-     ({"CHAT_TEMPLATE": "/no/such/file"}, "CHAT_TEMPLATE")],
+     ({"CHAT_TEMPLATE": "/no/such/file"}, "CHAT_TEMPLATE"), ({"PREFIX_CACHE_TOKENS": "-1"}, "PREFIX_CACHE_TOKENS"),
+     ({"CPU_PACKED_LINEAR": "fast"}, "CPU_PACKED_LINEAR")],
 )
 def test_bad_settings_name_the_variable(env, words):
     with pytest.raises(ConfigError, match=words):
