@@ -82,8 +82,9 @@ def test_sigterm_lets_eight_streams_finish(server):
     n = 8
     results: list = [None] * n
     started = [threading.Event() for _ in range(n)]
-    # Few tokens each: the drain must finish within SageMaker's 30 s even on a machine busy with other suites.
-    threads = [threading.Thread(target=stream_generate, args=(server, results, i, started[i], 8)) for i in range(n)]
+    # Enough tokens that the streams outlast the checks below (8 took under 0.5 s once decoding got
+    # faster), few enough that the drain finishes within SageMaker's 30 s on a machine busy with other suites.
+    threads = [threading.Thread(target=stream_generate, args=(server, results, i, started[i], 48)) for i in range(n)]
     for t in threads:
         t.start()
     assert all(e.wait(T) for e in started), "streams did not start"
