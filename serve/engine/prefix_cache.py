@@ -37,8 +37,7 @@ class PrefixCache:
         self.tokens = 0
         self._entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
         self._by_head: dict[tuple[int, ...], set[tuple[int, ...]]] = {}  # first MIN_PREFIX ids -> keys
-        self.hit_tokens = 0  # prompt tokens served from here (for logs, tests and benchmarks)
-        self.looked_up_tokens = 0
+        self.hit_tokens = 0  # prompt tokens served from here (for tests and benchmarks)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,7 +61,6 @@ class PrefixCache:
 
     def lookup(self, ids: Sequence[int]) -> list[torch.Tensor] | None:
         """KV of the longest cached prefix of `ids`, leaving at least one token to compute."""
-        self.looked_up_tokens += len(ids)
         common, key = self._best(ids)
         usable = min(common, len(ids) - 1)
         if key is None or usable < MIN_PREFIX:
@@ -102,8 +100,3 @@ class PrefixCache:
         head.discard(key)
         if not head:
             del self._by_head[key[:MIN_PREFIX]]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._by_head.clear()
-        self.tokens = 0
