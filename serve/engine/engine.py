@@ -223,8 +223,7 @@ class Engine:
             self._send_prompt_logprobs(group, logits)
         batch = KVBatch.from_prefill(cache, inputs)
         for i, p in enumerate(prompts):
-            if self.prefix_cache.wants(p):
-                self.prefix_cache.insert(p, batch.row_kv(i))
+            self.prefix_cache.insert(p, lambda i=i: batch.row_kv(i))
         repeats = [r.n for r in group]
         rows = [self._new_row(r, k) for r in group for k in range(r.n)]
         last = logits[:, -1, :]

@@ -14,7 +14,7 @@ device (accelerate may spread the layers over several GPUs).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,29 +69,27 @@ class PrefixCache:
         self.hit_tokens += usable
         return [kv[:, :, :usable] for kv in self._entries[key].kv]
 
-    def wants(self, ids: Sequence[int]) -> bool:
-        """Whether `insert` would keep this prompt (so its KV is only copied out when useful)."""
+    def insert(self, ids: Sequence[int], make_kv: Callable[[], list[torch.Tensor]]) -> bool:
+        """Keep the KV of a prefilled prompt (`make_kv` copies it out, called only when it is kept).
+
+        A prompt already covered by a stored one is not stored again (that one is refreshed); a
+        stored prompt the new one extends is dropped. Returns whether the prompt was stored.
+        """
         if self.capacity <= 0 or len(ids) <= MIN_PREFIX or len(ids) > self.capacity:
             return False
         common, key = self._best(ids)
         if key is not None and common == len(ids):  # already covered by a longer (or equal) entry
             self._entries.move_to_end(key)
             return False
-        return True
-
-    def insert(self, ids: Sequence[int], kv: list[torch.Tensor]) -> None:
-        """Keep the KV of a prefilled prompt; an entry it extends is dropped."""
-        if not self.wants(ids):
-            return
-        common, key = self._best(ids)
         if key is not None and common == len(self._entries[key].ids):  # the new prompt extends it
             self._remove(key)
         new_key = tuple(ids)
-        self._entries[new_key] = Entry(np.asarray(ids, dtype=np.int64), kv)
+        self._entries[new_key] = Entry(np.asarray(ids, dtype=np.int64), make_kv())
         self._by_head.setdefault(new_key[:MIN_PREFIX], set()).add(new_key)
         self.tokens += len(ids)
         while self.tokens > self.capacity:
             self._remove(next(iter(self._entries)))
+        return True
 
     def _remove(self, key: tuple[int, ...]) -> None:
         entry = self._entries.pop(key)

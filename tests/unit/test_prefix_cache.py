@@ -16,8 +16,8 @@ def kv(ids: list[int], layers: int = 2) -> list[torch.Tensor]:
 def test_longest_shared_prefix_is_returned_and_one_token_is_left():
     cache = PrefixCache(1000)
     base = list(range(100, 140))
-    cache.insert(base, kv(base))
-    cache.insert(base[:20] + [7] * 20, kv(base[:20] + [7] * 20))
+    assert cache.insert(base, lambda: kv(base))
+    cache.insert(base[:20] + [7] * 20, lambda: kv(base[:20] + [7] * 20))
     hit = cache.lookup(base[:30] + [1, 2, 3])
     assert hit is not None and len(hit) == 2 and hit[0].shape == (2, 3, 30, 4)
     assert hit[1][0, 0, :, 0].tolist() == [float(i + 1) for i in base[:30]]
@@ -30,19 +30,21 @@ def test_longest_shared_prefix_is_returned_and_one_token_is_left():
 def test_extension_replaces_and_duplicates_are_not_stored():
     cache = PrefixCache(1000)
     a = list(range(30))
-    cache.insert(a, kv(a))
-    assert not cache.wants(a) and not cache.wants(a[:25])  # covered by the stored prompt
-    cache.insert(a + [99, 98], kv(a + [99, 98]))
+    cache.insert(a, lambda: kv(a))
+    copied = []
+    assert not cache.insert(a[:25], lambda: copied.append(1))  # covered by the stored prompt: no copy made
+    assert not cache.insert(a, lambda: copied.append(1)) and not copied
+    assert cache.insert(a + [99, 98], lambda: kv(a + [99, 98]))
     assert len(cache) == 1 and cache.tokens == 32
 
 
 def test_least_recently_used_prompts_leave_first_within_the_token_bound():
     cache = PrefixCache(100)
     prompts = [[i] * 40 for i in range(1, 4)]
-    cache.insert(prompts[0], kv(prompts[0]))
-    cache.insert(prompts[1], kv(prompts[1]))
+    cache.insert(prompts[0], lambda: kv(prompts[0]))
+    cache.insert(prompts[1], lambda: kv(prompts[1]))
     assert cache.lookup(prompts[0] + [5]) is not None  # touch the first: the second is now the oldest
-    cache.insert(prompts[2], kv(prompts[2]))
+    cache.insert(prompts[2], lambda: kv(prompts[2]))
     assert cache.tokens == 80 and len(cache) == 2
     assert cache.lookup(prompts[1] + [5]) is None and cache.lookup(prompts[0] + [5]) is not None
-    assert PrefixCache(0).lookup(prompts[0]) is None and not PrefixCache(0).wants(prompts[0])
+    assert PrefixCache(0).lookup(prompts[0]) is None and not PrefixCache(0).insert(prompts[0], lambda: kv(prompts[0]))
