@@ -81,11 +81,12 @@ def on_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
     thread.start()
     thread.join()
     if not out:
-        raise RuntimeError(f"{fn.__name__} failed (see the traceback above)")
+        raise RuntimeError("the call on its own thread failed (see the traceback above)")
     return out[0]
 
 
-def sequential_best(model, pool: list[list[int]], new_tokens: int) -> float:
+def sequential_rate(model, pool: list[list[int]], new_tokens: int) -> float:
+    """One timed run of `run_sequential`, after a short warm-up of the generate path."""
     with torch.inference_mode():
         run_sequential(model, pool[:1], 4)  # warm the generate path
         return run_sequential(model, pool, new_tokens)
@@ -107,14 +108,14 @@ def bench_dtype(dtype: torch.dtype, batches: list[int], new_tokens: int, sequent
     """Every measurement `repeat` times, in rounds (so a slow spell of the machine hits every row
     alike); the best run of each is kept."""
     source = resolve_model("/nonexistent", None)
-    stock, tokenizer = on_own_thread(load_model, source, dtype, None, False, False)
+    stock, tokenizer = on_own_thread(lambda: load_model(source, dtype, pack_linear=False))
     model, _ = on_own_thread(load_model, source, dtype)
     pool = prompts(tokenizer, max(batches))
     seq = seq_packed = 0.0
     rows: dict[int, dict] = {}
     for r in range(repeat):
-        seq = max(seq, on_own_thread(sequential_best, stock, pool[:sequential_prompts], new_tokens))
-        seq_packed = max(seq_packed, on_own_thread(sequential_best, model, pool[:sequential_prompts], new_tokens))
+        seq = max(seq, on_own_thread(sequential_rate, stock, pool[:sequential_prompts], new_tokens))
+        seq_packed = max(seq_packed, on_own_thread(sequential_rate, model, pool[:sequential_prompts], new_tokens))
         for b, row in engine_levels(model, tokenizer, pool, batches, new_tokens, prefix_cache_tokens).items():
             if b not in rows or row["tokens_per_s"] > rows[b]["tokens_per_s"]:
                 rows[b] = row

@@ -33,7 +33,7 @@ WHO = ["a sailor", "a dragon", "a baker", "a robot", "a painter", "a cat", "a ki
 WHERE = ["in Paris", "at sea", "in winter", "on the moon", "in a forest", "in a desert", "in a castle", "in a small town"]
 
 
-def prompt(k: int) -> str:
+def nth_prompt(k: int) -> str:
     """The k-th prompt of a server run: 64 distinct ones, so a prompt cache can only help with what
     chat prompts really share (the template's preamble, "Write a long story about"), never by
     seeing a whole prompt again."""
@@ -88,7 +88,7 @@ def run_level(target: Target, concurrency: int, rounds: int, max_tokens: int, ti
     def client(i: int) -> None:
         for r in range(rounds):
             try:
-                s = stream_chat(target, prompt(first_prompt + r * concurrency + i), max_tokens, timeout)
+                s = stream_chat(target, nth_prompt(first_prompt + r * concurrency + i), max_tokens, timeout)
                 with lock:
                     samples.append(s)
             except Exception as exc:  # recorded, reported, never hidden

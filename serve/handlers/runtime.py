@@ -65,7 +65,12 @@ class Runtime:
         return self.status is Status.READY and self.engine is not None and bool(self.engine.healthy)
 
     def start_loading(self) -> None:
-        """Load the model on a background OS thread; `ready` turns true when it is warmed up."""
+        """Load the model on a background OS thread; `ready` turns true when it is warmed up.
+
+        That thread exits once the engine runs, taking its OpenMP pool along: from then on only the
+        engine thread runs torch. A second live pool, even idle, slows the engine's CPU matmuls
+        1.3-2x (libgomp stops spinning once it manages more threads than there are cores).
+        """
         start_os_thread(self._load_safely)
 
     def _load_safely(self) -> None:
