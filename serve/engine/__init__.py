@@ -1,1 +1,1 @@
-"""The continuously batched decode loop (see ARCHITECTURE.md, "The engine")."""
+"""The continuously batched decode loop (the README's "How the engine works")."""

@@ -1,228 +1,175 @@
-"""The padded batch and its KV cache: the only module that knows the cache layout.
+"""The running rows and where their keys and values live: the only module that knows the cache layout.
 
-Rows are left-padded to a common length T, so one decode step is one forward over [B, 1] tokens.
-Each layer keeps keys and values in a preallocated slab [rows capacity, H, columns capacity, D]
-and hands the model views of the live [B, H, T, D] corner. So:
-- a decode step writes one column (transformers' DynamicLayer re-concatenates the cache each step);
-- a finished row leaves by moving the last row into its slot (one row copied, not the batch);
-- newcomers are written into free rows, right-aligned with the others;
-- columns that became padding for every row are dropped only when they waste a lot.
-No cached token is ever recomputed.
+A row is a block table (the pool blocks holding its tokens, in order, see blocks.py), the number of
+tokens cached and `limit`, the most blocks it may ever hold (prompt + max_new_tokens - 1 tokens),
+which admission set aside when the request was let in. So:
+- a decode step writes one slot per row, and a row takes a fresh block every `block_size` steps;
+- a finished row hands its blocks back; nothing is moved, and no row holds more than its own tokens;
+- newcomers are prefilled straight into their own blocks, so merging them is appending rows;
+- the n sequences of one request share the full blocks of their prompt and copy the partly filled one.
+No cached token is ever recomputed. Attention reads the blocks through paged.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
-COL_CHUNK = 128  # spare columns allocated at a time, so a slab grows once per ~128 steps
-
-
-class SlabLayer(DynamicLayer):
-    """A DynamicLayer backed by a slab; `keys`/`values` are views of its live corner."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kbuf: torch.Tensor | None = None
-        self.vbuf: torch.Tensor | None = None
-        self.rows = 0
-        self.length = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.rows = key_states.shape[0]
-        end = self.length + key_states.shape[-2]
-        if self.kbuf is None or end > self.kbuf.shape[2]:
-            self.reserve(self.rows, end + COL_CHUNK, like=key_states)
-        self.kbuf[: self.rows, :, self.length : end] = key_states
-        self.vbuf[: self.rows, :, self.length : end] = value_states
-        self.set_live(self.rows, end)
-        return self.keys, self.values
-
-    def reserve(self, rows: int, cols: int, like: torch.Tensor | None = None) -> None:
-        """Grow the slab to at least rows x cols, keeping the live content in place."""
-        ref = self.kbuf if self.kbuf is not None else like
-        if self.kbuf is not None and rows <= self.kbuf.shape[0] and cols <= self.kbuf.shape[2]:
-            return
-        if self.kbuf is not None:
-            rows, cols = max(rows, self.kbuf.shape[0]), max(cols, self.kbuf.shape[2])
-        kbuf = ref.new_zeros(rows, ref.shape[1], cols, ref.shape[3])
-        vbuf = ref.new_zeros(rows, ref.shape[1], cols, ref.shape[3])
-        if self.kbuf is not None:
-            kbuf[: self.rows, :, : self.length] = self.keys
-            vbuf[: self.rows, :, : self.length] = self.values
-        self.kbuf, self.vbuf = kbuf, vbuf
-
-    def set_live(self, rows: int, length: int) -> None:
-        self.rows, self.length = rows, length
-        self.keys = self.kbuf[:rows, :, :length]
-        self.values = self.vbuf[:rows, :, :length]
+from serve.engine.blocks import BlockPool
+from serve.engine.paged import Layout, PagedCache, build_layout
 
 
-def new_cache(num_layers: int) -> Cache:
-    """An empty cache of slab layers, for a prefill."""
-    return Cache(layers=[SlabLayer() for _ in range(num_layers)])
+@dataclass
+class Row:
+    """One sequence's block table, its cached tokens and the most blocks it may hold."""
+
+    blocks: list[int]
+    length: int
+    limit: int
 
 
 class KVBatch:
-    """Left-padded rows sharing one cache of length T, with the attention mask and next positions."""
+    """Rows in the block pool, in batch order."""
 
-    def __init__(self, cache: Cache, mask: torch.Tensor, positions: torch.Tensor):
-        self.cache = cache
-        self.mask = mask  # [B, T] long: 1 for real tokens, 0 for left padding
-        self.positions = positions  # [B] long: position id of each row's next token
-
-    @property
-    def layers(self) -> list[SlabLayer]:
-        return self.cache.layers
+    def __init__(self, pool: BlockPool, rows: list[Row], attention_tokens: int, device: torch.device):
+        self.pool, self.rows = pool, rows
+        self.attention_tokens, self.device = attention_tokens, device
 
     @property
     def size(self) -> int:
-        return self.mask.shape[0]
+        return len(self.rows)
 
     @property
-    def length(self) -> int:
-        return self.mask.shape[1]
+    def tokens(self) -> int:
+        """Tokens cached over all rows."""
+        return sum(r.length for r in self.rows)
 
-    @staticmethod
-    def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device, num_layers: int,
-                       prefixes: Sequence[list[torch.Tensor] | None] | None = None) -> tuple[dict, Cache]:
-        """Left-padded model inputs for a prefill of `prompts`, and the cache to prefill into.
+    @property
+    def outstanding(self) -> int:
+        """Blocks the rows may still take: the pool always keeps that many free."""
+        return sum(r.limit - len(r.blocks) for r in self.rows)
+
+    # -- newcomers ------------------------------------------------------------------------------------
+    @classmethod
+    def allocate(cls, pool: BlockPool, prompts: Sequence[Sequence[int]], limits: Sequence[int],
+                 prefixes: Sequence[list[torch.Tensor] | None], attention_tokens: int,
+                 device: torch.device) -> KVBatch:
+        """Rows for new prompts, with blocks for the whole prompt and the cached prefixes written in.
 
         `prefixes[i]`, when given, holds the keys and values of the first tokens of prompt i (per
-        layer, [2, kv_heads, p_i, head_dim], from the prefix cache): those are written into the
-        cache right-aligned in the first P = max(p_i) columns, and only the rest of each prompt is
-        fed to the model, left-padded after them. Row i then reads
-        `[pad | prefix_i | pad | rest_i]`; the gap is masked like any padding.
+        layer, [2, kv_heads, p_i, head_dim], from the prefix cache); only the rest is prefilled.
         """
-        prefixes = list(prefixes) if prefixes is not None else [None] * len(prompts)
-        done = [p[0].shape[2] if p is not None else 0 for p in prefixes]
-        rests = [prompt[n:] for prompt, n in zip(prompts, done, strict=True)]
-        head, width = max(done), max(len(r) for r in rests)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), head + width), dtype=torch.long)
-        for i, (rest, n) in enumerate(zip(rests, done, strict=True)):
+        batch = cls(pool, [], attention_tokens, device)
+        try:
+            for prompt, limit, prefix in zip(prompts, limits, prefixes, strict=True):
+                row = Row(pool.allocate(-(-len(prompt) // pool.block_size)), 0, limit)
+                batch.rows.append(row)
+                if prefix is not None:
+                    row.length = prefix[0].shape[2]
+                    pool.write_tokens(batch._slots(row, 0, row.length), prefix)
+        except BaseException:
+            batch.release()
+            raise
+        return batch
+
+    def prefill_chunks(self, prompts: Sequence[Sequence[int]], pad_id: int,
+                       chunk: int) -> Iterator[tuple[dict, list[int]]]:
+        """Model inputs for the prompts' uncached tokens, left-padded, at most `chunk` positions per forward.
+
+        Yields the inputs and, per row, the prompt position of the chunk's first column (negative in
+        the padding), so a caller can tell which logits belong to which prompt token.
+        """
+        rests = [list(p[r.length :]) for p, r in zip(prompts, self.rows, strict=True)]
+        width = max(len(r) for r in rests)
+        ids = torch.full((self.size, width), pad_id, dtype=torch.long)
+        for i, rest in enumerate(rests):
             ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-            mask[i, head - n : head] = 1
-            mask[i, head + width - len(rest) :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, head:]
-        cache = new_cache(num_layers)
-        if head:
-            for layer_idx, layer in enumerate(cache.layers):
-                ref = prefixes[done.index(head)][layer_idx][0]
-                layer.lazy_initialization(ref[None], ref[None])
-                layer.reserve(len(prompts), head + width + COL_CHUNK, like=ref[None])
-                for i, prefix in enumerate(prefixes):
-                    if prefix is not None:
-                        layer.kbuf[i, :, head - done[i] : head] = prefix[layer_idx][0]
-                        layer.vbuf[i, :, head - done[i] : head] = prefix[layer_idx][1]
-                layer.set_live(len(prompts), head)
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
-        return inputs, cache
+        cached = [r.length for r in self.rows]
+        for c0 in range(0, width, chunk):
+            c1 = min(width, c0 + chunk)
+            new = [max(0, c1 - max(c0, width - len(rest))) for rest in rests]
+            first = [n + c0 - (width - len(rest)) for n, rest in zip(cached, rests, strict=True)]
+            layout = self._layout(new)
+            yield self._inputs(ids[:, c0:c1].to(self.device), layout), first
+
+    def fork(self, repeats: Sequence[int]) -> None:
+        """Row i becomes repeats[i] consecutive rows (the n sequences of one prompt)."""
+        bs, rows, twins, copies = self.pool.block_size, [], [], []
+        try:
+            for row, n in zip(self.rows, repeats, strict=True):
+                rows.append(row)
+                full = row.length // bs
+                for _ in range(n - 1):
+                    self.pool.retain(row.blocks[:full])
+                    twins.append(Row(row.blocks[:full], row.length, row.limit))
+                    rows.append(twins[-1])
+                    if row.length % bs:  # the partly filled block: each sequence writes its own next tokens
+                        twins[-1].blocks = twins[-1].blocks + self.pool.allocate(1)
+                        copies.append((row.blocks[full], twins[-1].blocks[-1]))
+            if copies:
+                self.pool.copy_blocks([s for s, _ in copies], [d for _, d in copies])
+        except BaseException:
+            for twin in twins:
+                self.pool.release(twin.blocks)
+            raise
+        self.rows = rows
 
     def row_kv(self, row: int) -> list[torch.Tensor]:
-        """A copy of the keys and values of one row's real tokens: per layer, [2, kv_heads, tokens, head_dim]."""
-        cols = self.mask[row].nonzero().squeeze(1)
-        out = []
-        for layer in self.layers:
-            idx = cols.to(layer.keys.device)
-            out.append(torch.stack([layer.keys[row].index_select(1, idx), layer.values[row].index_select(1, idx)]))
-        return out
+        """A copy of one row's cached keys and values: per layer, [2, kv_heads, tokens, head_dim]."""
+        r = self.rows[row]
+        return self.pool.read_tokens(self._slots(r, 0, r.length))
 
-    @classmethod
-    def from_prefill(cls, cache: Cache, inputs: dict) -> KVBatch:
-        """Wrap the cache a prefill filled. Padding columns are zeroed so they can never carry NaNs."""
-        mask = inputs["attention_mask"]
-        pad = (mask == 0)[:, None, :, None]
-        for layer in cache.layers:
-            layer.keys.masked_fill_(pad, 0)
-            layer.values.masked_fill_(pad, 0)
-        return cls(cache, mask, mask.sum(dim=1))
+    # -- the running batch ----------------------------------------------------------------------------
+    def merged(self, other: KVBatch) -> KVBatch:
+        """A new batch of our rows, then those of `other`, which is left empty: its rows now belong
+        to the result (nothing is copied, and releasing `other` afterwards hands nothing back)."""
+        batch = KVBatch(self.pool, self.rows + other.rows, self.attention_tokens, self.device)
+        other.rows = []
+        return batch
 
     def decode_inputs(self, last_ids: torch.Tensor) -> dict:
-        """Inputs for one decode step: every row's last token, the mask grown by one column."""
-        ones = torch.ones((self.size, 1), dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        pos = self.positions.unsqueeze(1)
-        self.positions = self.positions + 1
-        return {"input_ids": last_ids.unsqueeze(1), "attention_mask": self.mask, "position_ids": pos,
-                "past_key_values": self.cache}
-
-    def repeat_rows(self, repeats: Sequence[int]) -> None:
-        """Row i becomes repeats[i] consecutive rows (n sequences sharing one prefill)."""
-        idx = torch.tensor([i for i, r in enumerate(repeats) for _ in range(r)], device=self.mask.device)
-        for layer in self.layers:
-            kbuf, vbuf = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
-            layer.kbuf, layer.vbuf = kbuf, vbuf
-            layer.set_live(len(idx), layer.length)
-        self.mask = self.mask.index_select(0, idx)
-        self.positions = self.positions.index_select(0, idx)
+        """Inputs for one decode step: every row's last token, written after its cached ones."""
+        bs = self.pool.block_size
+        full = [r for r in self.rows if r.length == len(r.blocks) * bs]
+        if any(len(r.blocks) >= r.limit for r in full):
+            raise RuntimeError("a row outgrew the blocks set aside for it")
+        for row, block in zip(full, self.pool.allocate(len(full)) if full else [], strict=True):
+            row.blocks.append(block)
+        layout = self._layout([1] * self.size)
+        return self._inputs(last_ids.unsqueeze(1), layout)
 
     def remove(self, rows: Sequence[int]) -> list[int]:
-        """Drop `rows`; returns, for each remaining row in its new place, its old index.
-
-        The last live row moves into each freed slot, so the cost is one row per removal.
-        """
-        order = list(range(self.size))
-        for r in sorted(set(rows), reverse=True):
-            last = len(order) - 1
-            if r != last:
-                self._move_row(last, r)
-                order[r] = order[last]
-            order.pop()
-        idx = torch.tensor(order, dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask.index_select(0, idx)
-        self.positions = self.positions.index_select(0, idx)
-        for layer in self.layers:
-            layer.set_live(len(order), layer.length)
-        self._trim()
+        """Drop `rows`, handing their blocks back; returns, for each remaining row, its old index."""
+        gone = set(rows)
+        for i in gone:
+            self.pool.release(self.rows[i].blocks)
+        order = [i for i in range(self.size) if i not in gone]
+        self.rows = [self.rows[i] for i in order]
         return order
 
-    def _move_row(self, src: int, dst: int) -> None:
-        for layer in self.layers:
-            layer.kbuf[dst, :, : layer.length] = layer.kbuf[src, :, : layer.length]
-            layer.vbuf[dst, :, : layer.length] = layer.vbuf[src, :, : layer.length]
+    def release(self) -> None:
+        """Hand every row's blocks back (rows that will never run)."""
+        for row in self.rows:
+            self.pool.release(row.blocks)
+        self.rows = []
 
-    def _trim(self) -> None:
-        """Drop columns that are padding for every row (leading ones, and the gaps prefix reuse leaves),
-        but only when they are a real waste: it copies the cache."""
-        if self.size == 0:
-            return
-        live = self.mask.any(dim=0)
-        kept = int(live.sum())  # a host sync, only when rows leave
-        if self.length - kept < max(COL_CHUNK, self.length // 4):
-            return
-        cols = live.nonzero().squeeze(1)
-        for layer in self.layers:
-            idx = cols.to(layer.kbuf.device)
-            for buf in (layer.kbuf, layer.vbuf):
-                buf[: self.size, :, :kept] = buf[: self.size, :, : self.length].index_select(2, idx)
-            layer.set_live(self.size, kept)
-        self.mask = self.mask.index_select(1, cols)
+    # -- helpers --------------------------------------------------------------------------------------
+    def _layout(self, new: list[int]) -> Layout:
+        """The layout of a forward adding `new[i]` tokens to row i (whose lengths then grow by that)."""
+        layout = build_layout(self.pool, [r.blocks for r in self.rows], [r.length for r in self.rows], new,
+                              self.attention_tokens, self.device)
+        for row, n in zip(self.rows, new, strict=True):
+            row.length += n
+        return layout
 
-    def add(self, other: KVBatch) -> None:
-        """Append the rows of `other` below ours, right-aligned at the common length."""
-        b, width = self.size, max(self.length, other.length)
-        shift = width - self.length
-        for mine, theirs in zip(self.layers, other.layers, strict=True):
-            mine.reserve(b + other.size if b + other.size <= mine.kbuf.shape[0] else 2 * (b + other.size),
-                         width + COL_CHUNK)
-            for buf, src in ((mine.kbuf, theirs.keys), (mine.vbuf, theirs.values)):
-                if shift:  # newcomers are longer than our cache: move our rows right
-                    buf[:b, :, shift:width] = buf[:b, :, : self.length].clone()
-                    buf[:b, :, :shift] = 0
-                buf[b : b + other.size, :, : width - other.length] = 0
-                buf[b : b + other.size, :, width - other.length : width] = src
-            mine.set_live(b + other.size, width)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
-        self.positions = torch.cat([self.positions, other.positions])
+    @staticmethod
+    def _inputs(input_ids: torch.Tensor, layout: Layout) -> dict:
+        return {"input_ids": input_ids, "position_ids": layout.positions, "past_key_values": PagedCache(layout),
+                "paged_kv": layout}
 
-
-def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
-    if mask.shape[1] == width:
-        return mask
-    pad = torch.zeros(mask.shape[0], width - mask.shape[1], dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], dim=1)
+    def _slots(self, row: Row, start: int, end: int) -> torch.Tensor:
+        bs = self.pool.block_size
+        return torch.tensor([row.blocks[p // bs] * bs + p % bs for p in range(start, end)], dtype=torch.long,
+                            device=self.device)

@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import collections
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+from serve.engine.osthread import allocate_lock
 from serve.engine.request import EngineError, PrefillEvent, Timings, TokenEvent
 
 Event = TokenEvent | PrefillEvent
-
-
-def _original(module: str, name: str):
-    """The unpatched stdlib object, even inside a gevent-monkey-patched process."""
-    if "gevent" in sys.modules:
-        from gevent import monkey
-
-        return monkey.get_original(module, name)
-    return getattr(__import__(module), name)
 
 
 def _in_gevent_hub_thread() -> bool:
@@ -46,9 +38,8 @@ class OSEvent:
     """
 
     def __init__(self) -> None:
-        allocate = _original("_thread", "allocate_lock")
-        self._mutex = allocate()
-        self._gate = allocate()
+        self._mutex = allocate_lock()
+        self._gate = allocate_lock()
         self._gate.acquire()
         self._set = False
 
@@ -113,14 +104,14 @@ class RequestHandle:
     `TokenEvent`s until every sequence has finished; it raises `EngineError` if the request failed.
     """
 
-    def __init__(self, request_id: str, prompt_tokens: int, n: int, cancel: Callable[[str], None]):
+    def __init__(self, request_id: str, cancel: Callable[[str], None]):
         self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self.n = n
         self.timings = Timings()
         self._cancel = cancel
-        self._queue: collections.deque = collections.deque()
-        self._waker = _GeventWaker() if _in_gevent_hub_thread() else _ThreadWaker()
+        # Events, then None (finished) or an exception (failed). Written by the engine thread (or the
+        # watchdog's thread, when the engine is stuck), read by the consumer; deque ops are atomic.
+        self._queue: collections.deque[Event | BaseException | None] = collections.deque()
+        self._waker: _ThreadWaker | _GeventWaker = _GeventWaker() if _in_gevent_hub_thread() else _ThreadWaker()
         self._done = False
 
     # -- engine thread side -------------------------------------------------------------------
@@ -129,13 +120,13 @@ class RequestHandle:
         self._queue.append(event)
         self._waker.notify()
 
-    def put_many(self, events: list[Event]) -> None:
+    def put_many(self, events: Sequence[Event]) -> None:
         """Engine thread: publish several events with one wakeup."""
         self._queue.extend(events)
         self._waker.notify()
 
     def fail(self, error: BaseException) -> None:
-        """Engine thread: end the request with an error (raised to the consumer as EngineError)."""
+        """Engine thread (or the watchdog): end the request with an error, raised to the consumer as EngineError."""
         err = error if isinstance(error, EngineError) else EngineError(str(error) or type(error).__name__)
         self._queue.append(err)
         self._waker.notify()

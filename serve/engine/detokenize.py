@@ -8,13 +8,16 @@ keeps its leading space on SentencePiece-style tokenizers ("▁Hello" alone deco
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from tokenizers.decoders import DecodeStream
+
+from serve.engine.interfaces import Tokenizer
 
 PROMPT_CONTEXT = 6  # prompt tokens fed to the stream first; enough to fix leading-space handling
 
 
-def backend_of(tokenizer):
+def backend_of(tokenizer: Tokenizer) -> Any:
     """The `tokenizers.Tokenizer` behind a transformers tokenizer, or None for a slow one."""
     return getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
 
@@ -22,7 +25,7 @@ def backend_of(tokenizer):
 class IncrementalDetokenizer:
     """Turns token ids into text pieces one at a time; `step` returns "" while a character is pending."""
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]):
         self._tokenizer = tokenizer
         self._backend = backend_of(tokenizer)
         context = list(prompt_ids[-PROMPT_CONTEXT:])
@@ -34,7 +37,11 @@ class IncrementalDetokenizer:
             self._read_offset = len(context)
 
     def step(self, token_id: int) -> str:
-        """The new text that `token_id` completes (possibly "", possibly several characters)."""
+        """The new text that `token_id` completes (possibly "", possibly several characters).
+
+        DecodeStream raises on some byte-fallback vocabularies (Llama-2, Mistral, Gemma: "Invalid
+        prefix encountered"); the engine fails that one request when it does.
+        """
         if self._backend is not None:
             return self._stream.step(self._backend, token_id) or ""
         return self._offset_step(token_id)
@@ -53,7 +60,7 @@ class IncrementalDetokenizer:
 class TokenTexts:
     """Cached single-token texts, for top-n alternatives and prompt tokens (no context needed)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 

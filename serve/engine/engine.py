@@ -1,28 +1,44 @@
 """The engine: one OS thread running schedule -> prefill newcomers -> decode every row, forever.
 
 API: `submit` (returns a RequestHandle), `cancel`, `step` (one iteration; the thread calls it),
-`healthy`, `drain`, `shutdown`. The thread is a real OS thread even under gevent's monkey-patching
-(a patched `threading.Thread` would be a greenlet and freeze the hub while the model runs).
+`healthy`, `drain`, `shutdown`, and for a watchdog `seconds_since_progress` and `abort`. The thread
+is a real OS thread even under gevent's monkey-patching (a patched `threading.Thread` would be a
+greenlet and freeze the hub while the model runs). What a failure costs is decided in faults.py.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import inspect
 import logging
 import random
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from serve.engine.batch import KVBatch
-from serve.engine.channel import OSEvent, RequestHandle, _original
+from serve.engine.blocks import BlockPool
+from serve.engine.channel import OSEvent, RequestHandle
+from serve.engine.config import EngineConfig, kv_shape
 from serve.engine.detokenize import TokenTexts
+from serve.engine.faults import Action, EngineFault, Scope, StepHealth, decide, describe
+from serve.engine.grammar_gate import GrammarGate
+from serve.engine.grammar_pool import GrammarCompiler
+from serve.engine.interfaces import CausalLM, Tokenizer, eos_ids_of
+from serve.engine.osthread import allocate_lock, start_os_thread
+from serve.engine.paged import ATTENTION
 from serve.engine.prefix_cache import PrefixCache
+from serve.engine.publish import Publisher
 from serve.engine.request import (
+    EngineError,
     EngineOverloaded,
     EngineUnavailable,
     GenerationRequest,
+    GrammarRejected,
     PrefillEvent,
     RequestState,
     RequestStatus,
@@ -30,31 +46,24 @@ from serve.engine.request import (
     TokenInfo,
 )
 from serve.engine.sampling import SampleResult, SamplingState, sample_rowwise
-from serve.engine.scheduler import EngineConfig, Scheduler, validate
+from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import SequenceState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["Engine"]
 
-
-def eos_ids_of(model, tokenizer) -> set[int]:
-    """Every EOS id the generation config, the model config and the tokenizer know of."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config.get_text_config()):
-        value = getattr(source, "eos_token_id", None)
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+GATE_TICK = 0.5  # seconds: the longest the loop sleeps while requests only wait for their grammar
 
 
 class Engine:
-    """Continuous batching over one left-padded KV batch (see batch.py)."""
+    """Continuous batching over a paged KV cache (see batch.py)."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig,
+                 grammars: GrammarCompiler | None = None):
+        """`grammars` compiles the requests' `SamplingParams.grammar` (without it, such requests are refused)."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.grammars = grammars
         self.device = next(model.parameters()).device
         text_cfg = model.config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
@@ -63,34 +72,44 @@ class Engine:
         self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self.eos_token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         self.token_text = TokenTexts(tokenizer)
+        self._publisher = Publisher(self.vocab_size, self.token_text, self.special_ids, self._fail,
+                                    functools.partial(self._end, status=RequestStatus.FINISHED))
         self.scheduler = Scheduler(config)
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens)
+        self.pool = BlockPool(config.pool_blocks, config.block_size, *kv_shape(model))
+        model.set_attn_implementation(ATTENTION)  # attention reads the pool (paged.py); plain SDPA otherwise
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         # Raw locks only: this object is shared between a real OS thread and gevent greenlets.
-        self._lock = _original("_thread", "allocate_lock")()
+        self._lock = allocate_lock()
         self._wake = OSEvent()
         self._exited = OSEvent()
+        self._loop_done = False  # read by other threads (the OSEvent above is consumed by its waiter)
         self._waiting: collections.deque[RequestState] = collections.deque()
+        # Requests whose grammar is still compiling wait here, off the admission queue (grammar_gate.py).
+        self._gate: GrammarGate[RequestState] = GrammarGate(self._wake.set)
         self._cancelled: set[str] = set()
         self._requests: dict[str, RequestState] = {}
         self._rows: list[SequenceState] = []  # one per batch row, in row order
         self._batch: KVBatch | None = None
         self._sampling: SamplingState | None = None
         self._last_ids: torch.Tensor | None = None
-        self._reserved = 0
-        self._thread = None
+        self._thread: int | None = None
         self._stopping = False
         self._draining = False
         self.healthy = False
         self.error: str | None = None
         self.steps = 0
+        # Health over time: when a step last finished (or work reached an idle engine), for the
+        # watchdog; failed steps in a row and out-of-memory errors, for faults.py's rules.
+        self.last_progress = time.monotonic()
+        self._health = StepHealth()
 
     # -- public API -------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the decode loop on a real OS thread."""
         # `threading.Thread`, even the original class, would start a greenlet under monkey-patching.
         self.healthy = True
-        self._thread = _original("_thread", "start_new_thread")(self._run, ())
+        self._thread = start_os_thread(self._run)
 
     def warmup(self, timeout: float = 300.0) -> None:
         """Push one tiny request through prefill and decode (and fail loudly if that breaks)."""
@@ -106,8 +125,12 @@ class Engine:
         return len(self._requests)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request; raises ValueError (bad input), EngineOverloaded or EngineUnavailable."""
-        validate(request, self.config, self.vocab_size)
+        """Queue a request; raises ValueError (a broken invariant), EngineOverloaded or EngineUnavailable.
+
+        Requests arrive validated (the HTTP boundary owns every limit and message); the checks here
+        only keep out what would break the engine itself.
+        """
+        check_invariants(request, self.config, self.vocab_size, self.grammars is not None)
         with self._lock:
             if not self.healthy or self._draining or self._stopping:
                 raise EngineUnavailable(self.error or "the engine is not accepting requests")
@@ -115,10 +138,15 @@ class Engine:
                 raise EngineOverloaded(
                     f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight"
                 )
-            handle = RequestHandle(request.request_id, len(request.prompt_ids), request.params.n, self.cancel)
+            if not self._requests:  # the engine was idle: the stall clock starts now, not at the last step
+                self.last_progress = time.monotonic()
+            handle = RequestHandle(request.request_id, self.cancel)
             state = RequestState(request, handle)
             self._requests[request.request_id] = state
-            self._waiting.append(state)
+            if self.grammars is None or request.params.grammar is None:
+                self._waiting.append(state)
+            else:  # never blocks: a cached grammar is ready at the next step, others compile on their threads
+                self._gate.hold(state, self.grammars.submit(request.params.grammar))
         self._wake.set()
         return handle
 
@@ -133,11 +161,34 @@ class Engine:
         self._draining = True
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still in flight fail."""
+        """Stop the loop; requests still in flight fail. Waits up to `timeout` s (0: not at all)."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and timeout > 0:
             self._exited.wait(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        """The loop has exited (or never started)."""
+        return self._thread is None or self._loop_done
+
+    def seconds_since_progress(self) -> float:
+        """How long work has waited for a step to finish (0 when idle). Reads two attributes only."""
+        return time.monotonic() - self.last_progress if self._requests else 0.0
+
+    def abort(self, reason: str, error: type[EngineError] = EngineError) -> None:
+        """Another thread's verdict (the loop is stuck, or shutdown's deadline came): refuse new work
+        and fail every request now with `error(reason)`.
+
+        Only the handles are touched (they are thread-safe); the loop's own state is left to its
+        thread, and the worker is about to exit anyway.
+        """
+        self.error, self.healthy, self._stopping = reason, False, True
+        self._wake.set()
+        with self._lock:
+            pending = list(self._requests.values())
+        for req in pending:
+            req.handle.fail(error(reason))
 
     @property
     def batch_size(self) -> int:
@@ -146,10 +197,25 @@ class Engine:
         return batch.size if batch is not None else 0
 
     @property
-    def cache_shape(self) -> tuple[int, ...] | None:
-        """Shape of layer 0's live keys, [B, H, T, D] (for tests and metrics)."""
+    def kv_tokens(self) -> int:
+        """Tokens cached for the running rows (for tests and metrics)."""
         batch = self._batch
-        return tuple(batch.layers[0].keys.shape) if batch is not None else None
+        return batch.tokens if batch is not None else 0
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV bytes held now: the block pool's tensors and the prefix cache's entries."""
+        return self.pool.nbytes + self.prefix_cache.nbytes
+
+    @property
+    def kv_peak_bytes(self) -> int:
+        """The most KV bytes held at any moment so far, at most `config.kv_budget_bytes`.
+
+        An upper bound: the pool, plus the prefix cache at its largest, plus the largest gather of
+        one layer's keys and values for attention (the only transient KV copy).
+        """
+        per_layer = self.config.kv_bytes_per_token // self.num_layers
+        return self.pool.nbytes + self.prefix_cache.peak_nbytes + self.pool.peak_gathered * per_layer
 
     # -- the loop -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -157,21 +223,64 @@ class Engine:
             with torch.inference_mode():
                 while not self._stopping:
                     if self._waiting or self._rows or self._cancelled:
-                        self.step()
+                        self._step_and_check()
+                    elif len(self._gate):
+                        # Only compiles pending: sleep until one finishes (its callback sets the event),
+                        # a deadline passes, or a tick; the step after marks progress, so the
+                        # watchdog never mistakes a request waiting for its grammar for a stall.
+                        self._wake.wait(min(GATE_TICK, self._gate.wake_in() or 0.0))
+                        self._step_and_check()
                     else:
                         self._wake.wait()  # submit/cancel/shutdown set it: no polling
-        except BaseException as exc:  # the loop itself broke: nothing can be served any more
-            log.exception("engine loop failed")
-            self.error = f"engine failure: {exc!r}"
-            self.healthy = False
+        except BaseException as exc:  # a fault, or the loop itself broke: nothing can be trusted any more
+            self.healthy = False  # first: /ping says 503 from this moment
+            if isinstance(exc, EngineFault):
+                self.error = str(exc)
+            else:
+                self.error = f"engine failure: {type(exc).__name__}: {describe(exc)}"
+            log.critical("engine stopped: %s", self.error, exc_info=exc)
         self._fail_all(self.error or "the engine stopped")
+        self._loop_done = True
         self._exited.set()
+
+    def _step_and_check(self) -> None:
+        """One step, then faults.py's rules over time (failed steps in a row); release memory after an OOM."""
+        self._health.begin()
+        self.step()
+        self.last_progress = time.monotonic()
+        self._health.end()
+        if self._health.out_of_memory and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed step's tensors are gone now: hand their blocks back
+
+    def _forward(self, kind: str, **inputs: Any) -> torch.Tensor:
+        """Run a "prefill" or "decode" forward and count the outcome; a device error ends the loop (faults.py)."""
+        try:
+            output = self.model(**inputs, use_cache=True)
+        except Exception as exc:
+            self._health.forward_failed(kind, exc)
+            raise
+        self._health.forward_succeeded(kind)
+        return output.logits
+
+    @contextlib.contextmanager
+    def _updating(self, what: str) -> Iterator[None]:
+        """Marks an update of the running batch: an exception inside leaves it half-updated (faults.py)."""
+        try:
+            yield
+        except Exception as exc:
+            raise EngineFault(f"engine failure while {what}: {describe(exc)}") from exc
 
     def step(self) -> None:
         """One iteration: schedule (cancellations, admission), prefill newcomers, decode all rows."""
         self._apply_cancellations()
+        self._release_grammars()
+        if self._batch is None and self.pool.blocks_in_use:  # a batch was dropped without handing its blocks back
+            log.warning("reclaiming %d KV blocks of a dropped batch", self.pool.blocks_in_use)
+            self.pool.reset()
+        outstanding = self._batch.outstanding if self._batch is not None else 0
+        free_tokens = (self.pool.free_blocks - outstanding) * self.config.block_size
         with self._lock:
-            admitted = self.scheduler.admit(self._waiting, self._reserved, self.batch_size)
+            admitted = self.scheduler.admit(self._waiting, free_tokens, self.batch_size)
         if admitted:
             self._prefill(admitted)
         if self._rows:
@@ -184,11 +293,25 @@ class Engine:
             if not cancelled:
                 return
             self._waiting = collections.deque(r for r in self._waiting if r.request.request_id not in cancelled)
+        self._gate.drop(lambda r: r.request.request_id in cancelled)
         for rid in cancelled:
             req = self._requests.get(rid)
             if req is not None and req.active:
                 self._end(req, RequestStatus.CANCELLED)
         self._drop_rows([i for i, s in enumerate(self._rows) if not s.req.active])
+
+    def _release_grammars(self) -> None:
+        """Requests whose grammar compiled join the admission queue (in arrival order); failed ones fail alone."""
+        if not len(self._gate):
+            return
+        ready, failed = self._gate.release()
+        for req, error in failed:
+            self._fail(req, GrammarRejected(error.message))
+        with self._lock:
+            for req, grammar in ready:
+                if req.active:
+                    req.grammar = grammar
+                    self._waiting.append(req)
 
     # -- prefill ------------------------------------------------------------------------------------
     def _prefill(self, admitted: list[RequestState]) -> None:
@@ -196,7 +319,6 @@ class Engine:
         for req in admitted:
             req.status = RequestStatus.RUNNING
             req.handle.timings.prefill_start = now
-            self._reserved += req.reserved_tokens
         try:
             self._prefill_group(admitted)
         except Exception as exc:
@@ -212,30 +334,49 @@ class Engine:
                     self._fail(req, f"prefill failed: {one_exc}")
 
     def _prefill_group(self, group: list[RequestState]) -> None:
+        cfg = self.config
         prompts = [r.request.prompt_ids for r in group]
         # Prompt logprobs need every prompt position computed, so those requests skip the prefix cache.
         prefixes = [None if r.params.prefill_logprobs else self.prefix_cache.lookup(p) for r, p in zip(group, prompts)]
-        inputs, cache = KVBatch.prefill_inputs(prompts, self.pad_id, self.device, self.num_layers, prefixes)
-        want_prompt_lp = any(r.params.prefill_logprobs for r in group)
-        kwargs = {"logits_to_keep": 0 if want_prompt_lp else 1} if self._keep_arg else {}
-        logits = self.model(**inputs, past_key_values=cache, use_cache=True, **kwargs).logits
-        if want_prompt_lp:
-            self._send_prompt_logprobs(group, logits)
-        batch = KVBatch.from_prefill(cache, inputs)
-        for i, p in enumerate(prompts):
-            self.prefix_cache.insert(p, lambda i=i: batch.row_kv(i))
-        repeats = [r.n for r in group]
-        rows = [self._new_row(r, k) for r in group for k in range(r.n)]
-        last = logits[:, -1, :]
-        if any(n != 1 for n in repeats):
-            batch.repeat_rows(repeats)
-            last = last.repeat_interleave(torch.tensor(repeats, device=last.device), dim=0)
-        sampling = SamplingState([s.req.params for s in rows], [s.seed for s in rows],
-                                 [s.history for s in rows], self.vocab_size, self.device)
-        result = self._sample(sampling, last, rows)
-        for req in group:
-            req.handle.timings.first_token = time.monotonic()
-        self._join(batch, sampling, rows, result)
+        limits = [cfg.row_blocks(len(p), r.params.max_new_tokens) for r, p in zip(group, prompts)]
+        batch = KVBatch.allocate(self.pool, prompts, limits, prefixes, cfg.attention_tokens, self.device)
+        del prefixes  # views of prefix-cache entries, copied now; an insert below may evict them
+        try:
+            last, prompt_logprobs = self._prefill_forward(batch, group)
+            for i, p in enumerate(prompts):
+                self.prefix_cache.insert(p, functools.partial(batch.row_kv, i))
+            repeats = [r.n for r in group]
+            rows = [self._new_row(r, k) for r in group for k in range(r.n)]
+            if any(n != 1 for n in repeats):
+                batch.fork(repeats)
+                last = last.repeat_interleave(torch.tensor(repeats, device=last.device), dim=0)
+            sampling = SamplingState([s.req.params for s in rows], [s.seed for s in rows], [s.history for s in rows],
+                                     self.vocab_size, self.device, [s.matcher for s in rows], self._grammar_vocab)
+            result = self._sample(sampling, last, rows)
+            for req in group:
+                req.handle.timings.first_token = time.monotonic()
+            self._join(batch, sampling, rows, result, self._prompt_events(group, prompt_logprobs))
+        finally:
+            batch.release()  # rows that did not join the running batch (none once `_join` took them)
+
+    def _prefill_forward(self, batch: KVBatch, group: list[RequestState]) -> tuple[torch.Tensor, list[list[float]]]:
+        """Run the prefill; returns the logits of each prompt's last position and the prompt logprobs asked.
+
+        Logits of every position (prompt logprobs, or a model that cannot keep only the last one)
+        are computed max_batch_size positions at a time, so they never outgrow a decode step's.
+        """
+        want_lp = [r.params.prefill_logprobs for r in group]
+        every = any(want_lp) or not self._keep_arg
+        chunk = max(1, self.config.max_batch_size // len(group)) if every else self.config.max_batch_prefill_tokens
+        kwargs = {"logits_to_keep": 0 if every else 1} if self._keep_arg else {}
+        prompts = [r.request.prompt_ids for r in group]
+        chosen: list[list[float]] = [[] for _ in group]
+        for inputs, first in batch.prefill_chunks(prompts, self.pad_id, chunk):
+            logits = self._forward("prefill", **inputs, **kwargs)
+            for i, prompt in enumerate(prompts):
+                if want_lp[i]:
+                    chosen[i] += _prompt_logprobs(logits[i], prompt, first[i])
+        return logits[:, -1, :], chosen
 
     def _new_row(self, req: RequestState, k: int) -> SequenceState:
         p = req.params
@@ -244,114 +385,103 @@ class Engine:
             seed = p.seed + k if p.seed is not None else random.getrandbits(63)
         return SequenceState(req, k, seed, self.tokenizer, self.eos_token_ids, self.special_ids)
 
-    def _send_prompt_logprobs(self, group, logits: torch.Tensor) -> None:
-        width = logits.shape[1]
-        for i, req in enumerate(group):
-            if not req.params.prefill_logprobs:
-                continue
-            ids = req.request.prompt_ids
-            start = width - len(ids)
-            lp = torch.log_softmax(logits[i, start : width - 1].float(), dim=-1)
-            chosen = lp.gather(1, torch.tensor(ids[1:], device=lp.device).unsqueeze(1)).squeeze(1).tolist()
-            tokens = [TokenInfo(ids[0], self.token_text(ids[0]), None, ids[0] in self.special_ids)]
-            tokens += [TokenInfo(t, self.token_text(t), v, t in self.special_ids) for t, v in zip(ids[1:], chosen)]
-            req.handle.put(PrefillEvent(tokens))
+    def _prompt_events(self, group: list[RequestState], chosen: list[list[float]]) -> list[tuple[RequestState, PrefillEvent]]:
+        """The prompt tokens with their logprobs, for the requests that asked."""
+        events = []
+        for req, lps in zip(group, chosen, strict=True):
+            if req.params.prefill_logprobs:
+                ids = req.request.prompt_ids
+                tokens = [TokenInfo(ids[0], self.token_text(ids[0]), None, ids[0] in self.special_ids)]
+                tokens += [TokenInfo(t, self.token_text(t), v, t in self.special_ids) for t, v in zip(ids[1:], lps)]
+                events.append((req, PrefillEvent(tokens)))
+        return events
 
-    def _join(self, batch: KVBatch, sampling: SamplingState, rows: list[SequenceState], result) -> None:
-        """Merge freshly prefilled rows into the running batch, minus those already finished."""
-        ids = result.ids
+    def _join(self, batch: KVBatch, sampling: SamplingState, rows: list[SequenceState], result,
+              prompt_events: list[tuple[RequestState, PrefillEvent]]) -> None:
+        """Merge freshly prefilled rows into the running batch, then send their prompt logprobs and first tokens.
+
+        The merge comes first: if it raises, nothing of these rows was sent, so no client sees a
+        first token twice; the running state may be half-merged, so that is an engine fault.
+        Rows that finish with their first token leave right after.
+        """
+        with self._updating("merging new rows into the batch"):
+            if self._batch is None or self._sampling is None or self._last_ids is None:
+                state = (KVBatch(self.pool, [], self.config.attention_tokens, self.device).merged(batch), sampling,
+                         list(rows), result.ids)
+            else:
+                last_ids = torch.cat([self._last_ids, result.ids])
+                merged = self._batch.merged(batch)
+                self._sampling.extend(sampling)
+                state = (merged, self._sampling, self._rows + rows, last_ids)
+            self._batch, self._sampling, self._rows, self._last_ids = state
+        offset = len(self._rows) - len(rows)
+        for req, event in prompt_events:
+            req.handle.put(event)
         done = self._publish(rows, result)
-        if done:
-            order = batch.remove(done)
-            sampling.select(order)
-            rows = [rows[i] for i in order]
-            ids = ids.index_select(0, torch.tensor(order, dtype=torch.long, device=ids.device))
-        if not rows:
-            return
-        if self._batch is None:
-            self._batch, self._sampling, self._rows, self._last_ids = batch, sampling, rows, ids
-            return
-        self._batch.add(batch)
-        self._sampling.extend(sampling)
-        self._rows += rows
-        self._last_ids = torch.cat([self._last_ids, ids])
+        self._drop_rows([offset + i for i in done])
 
     # -- decode -------------------------------------------------------------------------------------
     def _decode(self) -> None:
-        try:
-            inputs = self._batch.decode_inputs(self._last_ids)
-            logits = self.model(**inputs, use_cache=True).logits[:, -1, :]
-        except Exception as exc:
-            log.exception("decode step failed")
-            for req in {id(s.req): s.req for s in self._rows}.values():
-                self._fail(req, f"generation failed: {exc}")
-            self._drop_rows(list(range(len(self._rows))))
+        batch, sampling, last_ids = self._batch, self._sampling, self._last_ids
+        if batch is None or sampling is None or last_ids is None:
             return
-        result = self._sample(self._sampling, logits, self._rows)
+        try:
+            logits = self._forward("decode", **batch.decode_inputs(last_ids))[:, -1, :]
+        except Exception as exc:  # the cache may hold half a step: drop the batch (TGI's clear_cache)
+            log.error("decode step failed, failing its %d rows: %s", len(self._rows), describe(exc), exc_info=exc)
+            self._discard_batch(f"generation failed: {describe(exc)}")
+            return
+        result = self._sample(sampling, logits, self._rows)
         self._last_ids = result.ids
         self._drop_rows(self._publish(self._rows, result))
 
-    def _sample(self, sampling: SamplingState, logits: torch.Tensor, rows) -> SampleResult:
+    def _sample(self, sampling: SamplingState, logits: torch.Tensor, rows: list[SequenceState]) -> SampleResult:
         """Vectorised sampling; if it raises, sample row by row so only the faulty request fails."""
         try:
             result = sampling.sample(logits)
-        except Exception:
-            log.exception("batched sampling failed; isolating the faulty rows")
+        except Exception as exc:
+            if decide(exc, Scope.REQUEST) is Action.RESTART:
+                raise EngineFault(f"engine failure: device error while sampling: {describe(exc)}") from exc
+            log.warning("batched sampling failed (%s); sampling row by row", describe(exc))
             result = sample_rowwise(sampling, logits)
-        sampling.observe(result.ids)
+        with self._updating("recording the sampled tokens"):
+            sampling.observe(result.ids)
         return result
+
+    @property
+    def _grammar_vocab(self) -> int:
+        """The width of the grammar masks (the compiler tokenizer's vocabulary); 0 without a compiler."""
+        return self.grammars.tokenizer.vocab_size if self.grammars is not None else 0
 
     # -- postprocess --------------------------------------------------------------------------------
     def _publish(self, rows: list[SequenceState], result: SampleResult) -> list[int]:
-        """Turn sampled ids into events (one host sync), send them; return rows that are done."""
-        ids, lps = torch.stack([result.ids.double(), result.logprobs.double()]).tolist()
-        tops = None
-        if result.top_ids is not None:
-            tops = (result.top_ids.tolist(), result.top_logprobs.tolist())
-        done: list[int] = []
-        batches: dict[int, tuple[RequestState, list]] = {}
-        for i, seq in enumerate(rows):
-            req = seq.req
-            if i in result.failed and req.active:
-                self._fail(req, f"sampling failed: {result.failed[i]!r}")
-            if not req.active:
-                done.append(i)
-                continue
-            top = self._top_tokens(tops, i, req.params.top_n_tokens) if tops else None
-            event = seq.advance(int(ids[i]), lps[i], top)
-            batches.setdefault(id(req), (req, []))[1].append(event)
-            if event.finish is not None:
-                done.append(i)
-                req.unfinished -= 1
-        for req, events in batches.values():
-            req.handle.put_many(events)
-            if req.unfinished == 0:
-                self._end(req, RequestStatus.FINISHED)
-        return done
-
-    def _top_tokens(self, tops, i: int, n: int) -> list[TokenInfo] | None:
-        if n <= 0:
-            return None
-        ids, lps = tops[0][i][:n], tops[1][i][:n]
-        return [TokenInfo(t, self.token_text(t), lp, t in self.special_ids) for t, lp in zip(ids, lps)]
+        """Send the step's events (publish.py); returns the rows that are done."""
+        return self._publisher.publish(rows, result)
 
     def _drop_rows(self, done: list[int]) -> None:
-        if not done or self._batch is None:
+        batch, sampling, last_ids = self._batch, self._sampling, self._last_ids
+        if not done or batch is None or sampling is None or last_ids is None:
             return
-        order = self._batch.remove(done)
-        self._sampling.select(order)
-        self._rows = [self._rows[i] for i in order]
-        idx = torch.tensor(order, dtype=torch.long, device=self._last_ids.device)
-        self._last_ids = self._last_ids.index_select(0, idx)
+        with self._updating("dropping finished rows"):
+            order = batch.remove(done)
+            sampling.select(order)
+            self._rows = [self._rows[i] for i in order]
+            self._last_ids = last_ids.index_select(0, torch.tensor(order, dtype=torch.long, device=last_ids.device))
         if not self._rows:
             self._batch = self._sampling = self._last_ids = None
+
+    def _discard_batch(self, message: str) -> None:
+        """Drop the whole running batch without touching it (its state is unknown) and fail its requests."""
+        requests = {id(s.req): s.req for s in self._rows}.values()
+        self._rows, self._batch, self._sampling, self._last_ids = [], None, None, None
+        self.pool.reset()  # the rows' block tables went with the batch; no other batch is alive between steps
+        for req in requests:
+            self._fail(req, message)
 
     # -- request endings ----------------------------------------------------------------------------
     def _end(self, req: RequestState, status: RequestStatus) -> None:
         if not req.active:
             return
-        if req.status is RequestStatus.RUNNING:
-            self._reserved -= req.reserved_tokens
         req.status = status
         req.handle.timings.finished = time.monotonic()
         with self._lock:
@@ -359,16 +489,48 @@ class Engine:
         if status is not RequestStatus.FAILED:
             req.handle.close()
 
-    def _fail(self, req: RequestState, message: str) -> None:
+    def _fail(self, req: RequestState, error: str | EngineError) -> None:
+        """End `req` with `error` (its client's EngineError, or the message of one)."""
         if req.active:
             self._end(req, RequestStatus.FAILED)
-            req.handle.fail(RuntimeError(message))
+            req.handle.fail(error if isinstance(error, EngineError) else RuntimeError(error))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             pending = list(self._requests.values())
             self._waiting.clear()
+        self._rows, self._batch, self._sampling, self._last_ids = [], None, None, None
         for req in pending:
             self._fail(req, message)
-        self._rows, self._batch, self._sampling, self._last_ids = [], None, None, None
 
+
+def check_invariants(request: GenerationRequest, config: EngineConfig, vocab_size: int,
+                     grammars: bool = False) -> None:
+    """Raise ValueError for what the engine cannot run at all (the HTTP boundary has said why already)."""
+    ids, p = request.prompt_ids, request.params
+    if p.grammar is not None and not grammars:
+        raise ValueError("a grammar was given but this engine has no grammar compiler")
+    if not ids:
+        raise ValueError("empty prompt")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"prompt token id out of range [0, {vocab_size})")
+    if p.max_new_tokens < 1 or p.n < 1:
+        raise ValueError(f"max_new_tokens ({p.max_new_tokens}) and n ({p.n}) must be at least 1")
+    if len(ids) + p.max_new_tokens > config.max_total_tokens:
+        raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({p.max_new_tokens}) exceeds max_total_tokens "
+                         f"({config.max_total_tokens})")
+    unfit = config.unfit_reason(len(ids), p.max_new_tokens, p.n)
+    if unfit:
+        raise ValueError(unfit)
+    if any(not 0 <= t < vocab_size for t in p.logit_bias):
+        raise ValueError(f"logit_bias token id out of range [0, {vocab_size})")
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], first: int) -> list[float]:
+    """Logprobs of the prompt tokens that one chunk's logits [Q, V] predict (column j is position first + j)."""
+    lo, hi = max(0, -first), min(logits.shape[0], len(prompt) - 1 - first)
+    if hi <= lo:
+        return []
+    lp = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+    targets = torch.tensor(prompt[first + lo + 1 : first + hi + 1], device=lp.device).unsqueeze(1)
+    return lp.gather(1, targets).squeeze(1).tolist()

@@ -28,6 +28,10 @@ class Entry:
     ids: np.ndarray  # the prompt's token ids
     kv: list[torch.Tensor]  # per layer: [2, kv_heads, len(ids), head_dim]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.kv)
+
 
 class PrefixCache:
     """An LRU store of prompt KV, bounded by `capacity` tokens (0 disables it)."""
@@ -35,6 +39,8 @@ class PrefixCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.tokens = 0
+        self.nbytes = 0  # bytes of the stored keys and values
+        self.peak_nbytes = 0
         self._entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
         self._by_head: dict[tuple[int, ...], set[tuple[int, ...]]] = {}  # first MIN_PREFIX ids -> keys
         self.hit_tokens = 0  # prompt tokens served from here (for tests and benchmarks)
@@ -60,7 +66,11 @@ class PrefixCache:
         return best, best_key
 
     def lookup(self, ids: Sequence[int]) -> list[torch.Tensor] | None:
-        """KV of the longest cached prefix of `ids`, leaving at least one token to compute."""
+        """KV of the longest cached prefix of `ids`, leaving at least one token to compute.
+
+        The tensors are views of the stored entry: copy them and let go before the next `insert`,
+        which may evict that entry (its memory would then outlive the bound).
+        """
         common, key = self._best(ids)
         usable = min(common, len(ids) - 1)
         if key is None or usable < MIN_PREFIX:
@@ -83,17 +93,21 @@ class PrefixCache:
             return False
         if key is not None and common == len(self._entries[key].ids):  # the new prompt extends it
             self._remove(key)
+        while self.tokens + len(ids) > self.capacity:  # room first: the store never holds more than its bound
+            self._remove(next(iter(self._entries)))
         new_key = tuple(ids)
-        self._entries[new_key] = Entry(np.asarray(ids, dtype=np.int64), make_kv())
+        entry = Entry(np.asarray(ids, dtype=np.int64), make_kv())
+        self._entries[new_key] = entry
         self._by_head.setdefault(new_key[:MIN_PREFIX], set()).add(new_key)
         self.tokens += len(ids)
-        while self.tokens > self.capacity:
-            self._remove(next(iter(self._entries)))
+        self.nbytes += entry.nbytes
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
         return True
 
     def _remove(self, key: tuple[int, ...]) -> None:
         entry = self._entries.pop(key)
         self.tokens -= len(entry.ids)
+        self.nbytes -= entry.nbytes
         head = self._by_head[key[:MIN_PREFIX]]
         head.discard(key)
         if not head:

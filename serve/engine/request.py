@@ -11,12 +11,18 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is not imported at run time: the HTTP layer imports this module, and a
+    # replacement worker must answer /ping within milliseconds of its fork, long before torch loads.
+    import torch
+
+    from serve.engine.channel import RequestHandle
+    from serve.engine.grammar import CompiledGrammar, Constraint
 
 # A per-request logits processor: (token ids so far: prompt + generated, logits row [vocab]) -> row.
 # It runs on the engine thread for its own row only; if it raises, only its request fails.
-LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+LogitsProcessor = Callable[[Sequence[int], "torch.Tensor"], "torch.Tensor"]
 
 
 class FinishReason(str, enum.Enum):
@@ -25,7 +31,6 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
     EOS = "eos_token"
     STOP = "stop_sequence"
-    CANCELLED = "cancelled"
 
 
 @dataclass
@@ -51,7 +56,12 @@ class SamplingParams:
     top_n_tokens: int = 0  # alternatives reported per generated token
     prefill_logprobs: bool = False  # TGI decoder_input_details
     n: int = 1  # sequences sampled from one prefill
+    watermark: bool = False  # TGI's watermark (Kirchenbauer et al.): bias a greenlist seeded by the previous token
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # The output must match this grammar (serve/engine/grammar.py). The engine compiles it off its
+    # loop (equal constraints share one cached compilation) and finishes the sequence with
+    # FinishReason.EOS once the grammar is complete.
+    grammar: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +129,18 @@ class EngineError(RuntimeError):
     """Generation of this request failed (maps to 424 `generation`)."""
 
 
+class GrammarRejected(EngineError):
+    """The request's grammar could not be compiled (invalid, too large, too slow); nothing was generated.
+
+    A handler that compiled the constraint itself before submitting (to answer 422 up front) sees
+    this only when the compile it waited for was evicted from the cache and then failed again.
+    """
+
+
+class EngineShutdown(EngineError):
+    """The server is shutting down and this request could not finish in time (maps to 503 `unhealthy`)."""
+
+
 class EngineOverloaded(RuntimeError):
     """More than MAX_CONCURRENT_REQUESTS in flight (maps to 429 `overloaded`)."""
 
@@ -148,11 +170,12 @@ class Timings:
 class RequestState:
     """The engine's side of one request: its handle, its status and its sequences' bookkeeping."""
 
-    def __init__(self, request: GenerationRequest, handle):
+    def __init__(self, request: GenerationRequest, handle: RequestHandle):
         self.request = request
         self.handle = handle
         self.status = RequestStatus.WAITING
         self.unfinished = request.params.n
+        self.grammar: CompiledGrammar | None = None  # set once compiled, before admission
 
     @property
     def params(self) -> SamplingParams:
@@ -165,11 +188,6 @@ class RequestState:
     @property
     def n(self) -> int:
         return self.request.params.n
-
-    @property
-    def reserved_tokens(self) -> int:
-        """Worst-case cache tokens of all its sequences (what admission budgets against)."""
-        return (self.prompt_len + self.params.max_new_tokens) * self.n
 
     @property
     def active(self) -> bool:

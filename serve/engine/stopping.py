@@ -52,7 +52,7 @@ class StopCriteria:
         best: Stop | None = None
         for seq in self.stop:
             at = window.find(seq)
-            if at >= 0 and (best is None or window_start + at < best.start):
+            if at >= 0 and (best is None or window_start + at < (best.start or 0)):
                 best = Stop(FinishReason.STOP, seq, window_start + at)
         return best
 
