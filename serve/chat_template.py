@@ -2,7 +2,10 @@
 
 The template already writes the model's special tokens (BOS, role markers), so the rendered text
 is tokenized without adding special tokens a second time. `CHAT_TEMPLATE` overrides or supplies a
-template for models that ship none (SPEC section 4, **beyond** TGI).
+template for models that ship none (TGI answers "template not found" for those).
+
+This module knows nothing of HTTP: it raises `TemplateError`, which the validation boundary turns
+into a 422 `template_error` (docs/api.md, "Errors").
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from serve.protocol.errors import template_error
-
 log = logging.getLogger(__name__)
+
+
+class TemplateError(ValueError):
+    """No template to render with, or the template raised; the message says which."""
 
 
 def has_template(tokenizer: Any, override: str | None = None) -> bool:
@@ -23,18 +28,18 @@ def has_template(tokenizer: Any, override: str | None = None) -> bool:
 def render(tokenizer: Any, messages: list[dict[str, str]], override: str | None = None) -> str:
     """The prompt text for `messages`, ending with the assistant's generation prompt.
 
-    Raises a 422 `template_error` ApiError when there is no template or the template raises
-    (many templates raise on purpose, e.g. "Conversation roles must alternate").
+    Raises `TemplateError` when there is no template or the template raises (many templates
+    raise on purpose, e.g. "Conversation roles must alternate").
     """
     if not has_template(tokenizer, override):
-        raise template_error("template not found")
+        raise TemplateError("template not found")
     try:
         text = tokenizer.apply_chat_template(
             messages, chat_template=override, add_generation_prompt=True, tokenize=False
         )
     except Exception as exc:  # jinja2 errors, raise_exception() calls in templates, bad roles
         log.debug("chat template failed", exc_info=True)
-        raise template_error(str(exc) or type(exc).__name__) from exc
+        raise TemplateError(str(exc) or type(exc).__name__) from exc
     if not isinstance(text, str):  # some tokenizers return a list when given a batch
         text = text[0]
     return text

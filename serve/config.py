@@ -1,4 +1,4 @@
-"""Every setting of the container, read once from the environment (SPEC section 2).
+"""Every setting of the container, read once from the environment (README, "Configuration").
 
 Nothing else in the package reads `os.environ`: the app, the handlers and gunicorn's config all
 receive a `Settings`. Names follow TGI's SageMaker container so existing endpoint configs carry
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import overload
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -31,6 +32,10 @@ def _flag(env: Mapping[str, str], name: str) -> bool | None:
     raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
 
 
+@overload
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int: ...
+@overload
+def _int(env: Mapping[str, str], name: str, default: None, minimum: int = 1) -> int | None: ...
 def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
@@ -44,6 +49,10 @@ def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 
     return value
 
 
+@overload
+def _str(env: Mapping[str, str], name: str, default: str) -> str: ...
+@overload
+def _str(env: Mapping[str, str], name: str, default: None = None) -> str | None: ...
 def _str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     raw = env.get(name, "").strip()
     return raw or default
@@ -81,18 +90,24 @@ class Settings:
     max_batch_prefill_tokens: int | None = None  # None: sized from free memory
     max_batch_total_tokens: int | None = None
     prefix_cache_tokens: int | None = None  # None: min(8192, 1/8 of the KV budget); 0: off
+    max_batch_size: int | None = None  # rows decoded together; None: 256
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_best_of: int = 2
+    max_logit_bias: int = 300  # OpenAI's own cap on `logit_bias` entries
     payload_limit: int = 6 * 1024 * 1024
     chat_template: str | None = None
     log_level: str = "info"
     graceful_timeout: int = 28  # SageMaker kills the container 30 s after SIGTERM
+    engine_stall_timeout: int | None = None  # None: sized from the model at start-up; 0: no stall watchdog
+    grammar_max_bytes: int = 256 * 1024  # a response_format schema, regex or tool set, as text
+    grammar_compile_timeout: int = 5  # seconds a request waits for its grammar to compile
+    grammar_cache_size: int = 64  # compiled grammars kept (LRU): a repeated schema compiles once
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read every variable of SPEC section 2; raises ConfigError naming a bad one."""
+        """Read every variable of the README's configuration table; raises ConfigError naming a bad one."""
         env = os.environ if env is None else env
         oai = _flag(env, "OAI_ENABLED")
         if oai is None:  # TGI's own name for the same switch
@@ -113,14 +128,20 @@ class Settings:
             max_batch_prefill_tokens=_int(env, "MAX_BATCH_PREFILL_TOKENS", None),
             max_batch_total_tokens=_int(env, "MAX_BATCH_TOTAL_TOKENS", None),
             prefix_cache_tokens=_int(env, "PREFIX_CACHE_TOKENS", None, minimum=0),
+            max_batch_size=_int(env, "MAX_BATCH_SIZE", None),
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128),
             max_stop_sequences=_int(env, "MAX_STOP_SEQUENCES", 4, minimum=0),
             max_top_n_tokens=_int(env, "MAX_TOP_N_TOKENS", 5, minimum=0),
             max_best_of=_int(env, "MAX_BEST_OF", 2),
+            max_logit_bias=_int(env, "MAX_LOGIT_BIAS", 300, minimum=0),
             payload_limit=_int(env, "PAYLOAD_LIMIT", 6 * 1024 * 1024),
             chat_template=_chat_template(env),
             log_level=(_str(env, "LOG_LEVEL", "info") or "info").lower(),
             graceful_timeout=_int(env, "GRACEFUL_TIMEOUT", 28),
+            engine_stall_timeout=_int(env, "ENGINE_STALL_TIMEOUT", None, minimum=0),
+            grammar_max_bytes=_int(env, "GRAMMAR_MAX_BYTES", 256 * 1024),
+            grammar_compile_timeout=_int(env, "GRAMMAR_COMPILE_TIMEOUT", 5),
+            grammar_cache_size=_int(env, "GRAMMAR_CACHE_SIZE", 64),
         )
 
     @property

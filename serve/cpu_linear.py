@@ -15,9 +15,10 @@ fit comfortably, and `CPU_PACKED_LINEAR=false` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from serve.engine.config import available_ram_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,32 @@ class PackedLinear(torch.nn.Module):
 
 
 def _free_ram() -> int:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_ram_bytes()  # MemAvailable: free pages alone skipped packing whenever the page cache was full
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs weights of `dtype` (bf16 needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)."""
+    if dtype not in PACKABLE_DTYPES:
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype))
+    except RuntimeError as exc:  # e.g. an AVX2-only CPU asked for bf16
+        log.info("oneDNN cannot pack %s weights on this CPU: %s", dtype, exc)
+        return False
+    return True
 
 
 def _candidates(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
     found = []
+    packable: dict[torch.dtype, bool] = {}
     for parent in model.modules():
         for name, child in parent.named_children():
-            if (type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
-                    and child.weight.dtype in PACKABLE_DTYPES and not hasattr(child, "_hf_hook")):
+            if type(child) is not torch.nn.Linear or child.weight.device.type != "cpu" or hasattr(child, "_hf_hook"):
+                continue
+            dtype = child.weight.dtype
+            if dtype not in packable:
+                packable[dtype] = can_pack(dtype)
+            if packable[dtype]:
                 found.append((parent, name, child))
     return found
 

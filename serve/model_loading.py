@@ -60,8 +60,15 @@ def _model_in_dir(folder: str) -> tuple[str, str | None] | None:
     return None
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set: no Hugging Face library may call the Hub (huggingface_hub reads it)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def resolve_model(model_dir: str, hf_model_id: str | None, revision: str | None = None) -> ModelSource:
-    """SPEC section 2: `model_dir` when it holds a model, then `hf_model_id`, then the embedded default."""
+    """`model_dir` when it holds a model, then `hf_model_id`, then the embedded default (README, Configuration)."""
     found = _model_in_dir(model_dir)
     if found:
         return ModelSource(found[0], found[1], f"found a model in {model_dir}")
@@ -69,6 +76,13 @@ def resolve_model(model_dir: str, hf_model_id: str | None, revision: str | None 
         local = _model_in_dir(hf_model_id)
         if local:
             return ModelSource(local[0], local[1], f"HF_MODEL_ID points at local folder {hf_model_id}")
+        if hub_offline():
+            raise RuntimeError(
+                f"HF_MODEL_ID={hf_model_id} is a Hugging Face Hub id, but HF_HUB_OFFLINE is set (deploy "
+                f"--network-isolation sets it: the container may not call out), and {model_dir} holds no model. "
+                "Serve model data from S3 (deploy upload-model, --model-data), point HF_MODEL_ID at a local "
+                "folder, or unset HF_MODEL_ID for the embedded model."
+            )
         return ModelSource(hf_model_id, None, "HF_MODEL_ID is set", revision=revision)
     embedded = embedded_model_dir()
     if embedded is None:
@@ -80,7 +94,7 @@ def resolve_model(model_dir: str, hf_model_id: str | None, revision: str | None 
 
 
 def pick_dtype(name: str | None, on_gpu: bool) -> torch.dtype:
-    """SPEC: bf16 on GPU, fp32 on CPU unless DTYPE says otherwise."""
+    """bf16 on GPU, fp32 on CPU unless DTYPE says otherwise (README, Configuration)."""
     if name:
         table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
         if name not in table:
@@ -94,6 +108,8 @@ def device_map_for(num_gpus: int | None) -> tuple[str | dict | None, dict | None
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     use = available if num_gpus is None else min(num_gpus, available)
     if use <= 0:
+        if torch.version.cuda and num_gpus != 0:  # the GPU image on a machine (or instance) without a GPU
+            log.warning("torch is a CUDA %s build but sees no GPU: running on the CPU", torch.version.cuda)
         return None, None
     if use == 1:
         return {"": 0}, None

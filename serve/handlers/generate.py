@@ -5,109 +5,56 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
-from serve.engine.request import GenerationRequest, PrefillEvent, SamplingParams
+from serve.engine.request import PrefillEvent, TokenInfo
 from serve.handlers import common
-from serve.handlers.runtime import Runtime
-from serve.protocol import errors
 from serve.protocol import generate as proto
-
-# TGI's watermark constants (Kirchenbauer et al. 2023): half the vocabulary is "green" per step.
-WATERMARK_GAMMA = 0.5
-WATERMARK_DELTA = 2.0
-WATERMARK_KEY = 15485863
+from serve.protocol.errors import Api, ApiError
+from serve.protocol.fields import sse
+from serve.service import ModelService
 
 
-class Watermark:
-    """A per-request logits processor: bias a greenlist seeded by the previous token (TGI's scheme)."""
-
-    def __init__(self, gamma: float = WATERMARK_GAMMA, delta: float = WATERMARK_DELTA, key: int = WATERMARK_KEY):
-        self.gamma, self.delta, self.key = gamma, delta, key
-        self._rng = torch.Generator(device="cpu")
-
-    def greenlist(self, prev_token: int, vocab: int) -> torch.Tensor:
-        """The green token ids after `prev_token`; deterministic so a detector can recompute them."""
-        self._rng.manual_seed(self.key * prev_token)
-        return torch.randperm(vocab, generator=self._rng)[: int(vocab * self.gamma)]
-
-    def __call__(self, ids: Any, logits: torch.Tensor) -> torch.Tensor:
-        green = self.greenlist(int(ids[-1]), logits.shape[-1]).to(logits.device)
-        out = logits.clone()
-        out[green] += self.delta
-        return out
-
-
-def sampling_params(p: proto.GenerateParameters, max_new: int) -> SamplingParams:
-    """Request value, else SamplingParams' neutral default (which switches the step off)."""
-    return SamplingParams(
-        max_new_tokens=max_new,
-        temperature=1.0 if p.temperature is None else p.temperature,
-        do_sample=p.do_sample,
-        top_k=p.top_k or 0,
-        top_p=1.0 if p.top_p is None else p.top_p,
-        typical_p=1.0 if p.typical_p is None else p.typical_p,
-        repetition_penalty=p.repetition_penalty or 1.0,
-        frequency_penalty=p.frequency_penalty or 0.0,
-        seed=p.seed,
-        stop=list(p.stop),
-        top_n_tokens=p.top_n_tokens or 0,
-        prefill_logprobs=p.decoder_input_details,
-        n=p.best_of or 1,
-        logits_processors=[Watermark()] if p.watermark else [],
-    )
-
-
-def _prompt_ids(rt: Runtime, req: proto.GenerateRequest) -> list[int]:
-    """Tokenize as TGI does (with the model's special tokens), then apply `truncate`."""
-    ids = list(rt.tokenizer(req.inputs)["input_ids"])
-    truncate = req.parameters.truncate
-    if truncate is not None:
-        if truncate > rt.engine_config.max_input_tokens:
-            raise errors.validation(
-                f"Input validation error: `truncate` must be strictly positive and less than "
-                f"{rt.engine_config.max_input_tokens}. Given: {truncate}",
-                "parameters.truncate",
-            )
-        ids = ids[-truncate:]
-    return ids
-
-
-def handle(rt: Runtime, body: Any) -> common.Reply:
-    """Answer one generate request (SPEC section 3)."""
+def handle(svc: ModelService, body: Any) -> common.Reply:
+    """Answer one generate request (docs/api.md, "Generate")."""
     req = common.parse(proto.GenerateRequest, body)
-    s = rt.settings
-    req.check_limits(s.max_stop_sequences, s.max_top_n_tokens, s.max_best_of)
+    request = common.validator(svc).generate(req)
+    handle_ = common.submit(svc, request)
     p = req.parameters
-    if p.adapter_id not in (None, "", rt.model_name):
-        raise errors.validation(f"Input validation error: adapter `{p.adapter_id}` is not loaded", "parameters.adapter_id")
-    ids = _prompt_ids(rt, req)
-    common.check_input(rt, ids)
-    max_new = common.max_new_tokens(rt, len(ids), p.max_new_tokens, "max_new_tokens")
-    params = sampling_params(p, max_new)
-    handle_ = common.submit(rt, GenerationRequest(prompt_ids=ids, params=params))
     prefix = req.inputs if p.return_full_text is not False else ""
     if req.stream:
-        return common.Reply(stream=_stream(handle_, p, prefix, len(ids)), on_close=handle_.cancel)
-    return _answer(handle_, p, prefix, len(ids))
+        return common.Reply(stream=_stream(handle_, p, prefix, len(request.prompt_ids)), on_close=handle_.cancel)
+    return _answer(svc, handle_, p, prefix, len(request.prompt_ids))
 
 
-def _answer(handle_: Any, p: proto.GenerateParameters, prefix: str, input_length: int) -> common.Reply:
+def token(t: TokenInfo) -> proto.Token:
+    """An engine token as TGI writes it."""
+    return proto.Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
+
+
+def sequence_details(seq: common.SequenceResult, prefill: list[TokenInfo], with_top: bool) -> dict[str, Any]:
+    """The fields `details` and each of `best_of_sequences` share."""
+    return {
+        "finish_reason": seq.finish.reason.value,
+        "generated_tokens": seq.finish.generated_tokens,
+        "seed": seq.finish.seed,
+        "prefill": [proto.PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in prefill],
+        "tokens": [token(t) for t in seq.tokens],
+        "top_tokens": [[token(t) for t in top] for top in seq.top_tokens] if with_top else None,
+    }
+
+
+def _answer(svc: ModelService, handle_: Any, p: proto.GenerateParameters, prefix: str,
+            input_length: int) -> common.Reply:
     got = common.collect(handle_, p.best_of or 1)
-    ranked = sorted(got.sequences, key=lambda s: s.finish.cumulative_logprob, reverse=True)
-    best, others = ranked[0], ranked[1:]
-    item: dict[str, Any] = {"generated_text": prefix + best.finish.text}
-    with_top = bool(p.top_n_tokens)
+    best, *others = common.ranked(got.sequences)
+    details = None
     if p.details:
-        details = proto.sequence_details(best, got.prefill, with_top)
-        if others:
-            details["best_of_sequences"] = [
-                {"generated_text": prefix + o.finish.text, **proto.sequence_details(o, got.prefill, with_top)}
-                for o in others
-            ]
-        item["details"] = details
-    headers = common.timing_headers(handle_, input_length, best.finish.generated_tokens)
-    return common.Reply(body=[item], headers=headers)
+        with_top = bool(p.top_n_tokens)
+        candidates = [proto.BestOfSequence(generated_text=prefix + o.finish.text,
+                                           **sequence_details(o, got.prefill, with_top)) for o in others]
+        details = proto.Details(**sequence_details(best, got.prefill, with_top), best_of_sequences=candidates or None)
+    headers = common.timing_headers(svc, handle_, input_length, best.finish.generated_tokens)
+    return common.Reply(body=[proto.GeneratedText(generated_text=prefix + best.finish.text, details=details)],
+                        headers=headers)
 
 
 def _stream(handle_: Any, p: proto.GenerateParameters, prefix: str, input_length: int) -> Iterator[str]:
@@ -120,13 +67,12 @@ def _stream(handle_: Any, p: proto.GenerateParameters, prefix: str, input_length
             if ev.finish is not None:
                 text = prefix + ev.finish.text
                 if p.details:
-                    details = {
-                        "finish_reason": ev.finish.reason.value,
-                        "generated_tokens": ev.finish.generated_tokens,
-                        "seed": ev.finish.seed,
-                        "input_length": input_length,
-                    }
-            top = ev.top_tokens if p.top_n_tokens else None
-            yield common.sse(proto.stream_event(ev.index, ev.token, top, text, details), space=False)
-    except errors.ApiError as err:
-        yield err.sse(errors.GENERATE)
+                    details = proto.StreamDetails(finish_reason=ev.finish.reason.value,
+                                                  generated_tokens=ev.finish.generated_tokens,
+                                                  seed=ev.finish.seed, input_length=input_length)
+            top = [token(t) for t in ev.top_tokens] if p.top_n_tokens and ev.top_tokens else None
+            event = proto.StreamEvent(index=ev.index, token=token(ev.token), top_tokens=top, generated_text=text,
+                                      details=details)
+            yield sse(event, space=False)
+    except ApiError as err:
+        yield err.sse(Api.GENERATE)

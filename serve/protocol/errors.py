@@ -1,22 +1,61 @@
-"""One error type inside, two error shapes on the wire (SPEC section 5).
+"""One error type inside, two error shapes on the wire (docs/api.md, "Errors").
 
-Handlers raise `ApiError`; the app renders it in the shape of the protocol the request spoke:
-TGI's flat `{"error", "error_type"}` for generate, OpenAI's nested object for chat/completions.
+Handlers and the validation boundary raise `ApiError`; the app renders it in the shape of the API
+family the request spoke: TGI's flat `{"error", "error_type"}` for generate, OpenAI's nested object
+for chat and completions.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import enum
 
 from pydantic import ValidationError
 
-GENERATE = "generate"
-OPENAI = "openai"
+from serve.protocol.fields import WireModel, omitted_when_none, sse
+
+
+class Api(enum.Enum):
+    """The API family of a request: it decides the error shape and the stream framing."""
+
+    GENERATE = "generate"
+    OPENAI = "openai"
+
+    @classmethod
+    def default_for(cls, mode: str) -> Api:
+        """The family of answers no request chose (bad JSON, 404, 413): OpenAI's only in openai mode."""
+        return cls.OPENAI if mode == "openai" else cls.GENERATE
+
+
+class GenerateError(WireModel):
+    """TGI's error body."""
+
+    error: str
+    error_type: str
+
+
+class OpenAIErrorDetail(WireModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class OpenAIError(WireModel):
+    """OpenAI's error body."""
+
+    error: OpenAIErrorDetail
+
+
+class HealthcheckError(WireModel):
+    """/ping's 503 body; `reason` only when the worker knows why it failed (loading, engine loop)."""
+
+    error: str = "unhealthy"
+    error_type: str = "healthcheck"
+    reason: str | None = omitted_when_none()
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, SPEC error type, a message that says what to fix."""
+    """An error answer: HTTP status, error type (docs/api.md), a message that says what to fix."""
 
     def __init__(self, status: int, error_type: str, message: str, param: str | None = None):
         super().__init__(message)
@@ -25,24 +64,22 @@ class ApiError(Exception):
         self.message = message
         self.param = param
 
-    def body(self, protocol: str) -> dict[str, Any]:
-        """The JSON body in the shape of `protocol` (GENERATE or OPENAI)."""
-        if protocol == OPENAI:
-            return {
-                "error": {
-                    "message": self.message,
-                    "type": self.error_type,
-                    "param": self.param,
-                    "code": self.status,
-                }
-            }
-        return {"error": self.message, "error_type": self.error_type}
+    def model(self, api: Api) -> WireModel:
+        """The body in the shape of `api`."""
+        if api is Api.OPENAI:
+            return OpenAIError(error=OpenAIErrorDetail(message=self.message, type=self.error_type, param=self.param,
+                                                       code=self.status))
+        return GenerateError(error=self.message, error_type=self.error_type)
 
-    def sse(self, protocol: str) -> str:
-        """The error as the last event of a stream that already started."""
-        if protocol == OPENAI:
-            return f"data: {json.dumps(self.body(OPENAI))}\n\ndata: [DONE]\n\n"
-        return f"data:{json.dumps(self.body(GENERATE))}\n\n"
+    def body(self, api: Api) -> dict:
+        """The JSON body as a dict."""
+        return self.model(api).wire()
+
+    def sse(self, api: Api) -> str:
+        """The error as the last event of a stream that already started (OpenAI's then ends it)."""
+        if api is Api.OPENAI:
+            return sse(self.model(api)) + sse("[DONE]")
+        return sse(self.model(api), space=False)
 
 
 def validation(message: str, param: str | None = None) -> ApiError:
@@ -53,6 +90,11 @@ def validation(message: str, param: str | None = None) -> ApiError:
 def bad_request(message: str) -> ApiError:
     """400 `validation`: the body is not JSON or not UTF-8."""
     return ApiError(400, "validation", message)
+
+
+def payload_too_large(limit: int) -> ApiError:
+    """413 `payload_too_large`: the body is over PAYLOAD_LIMIT."""
+    return ApiError(413, "payload_too_large", f"Payload is larger than PAYLOAD_LIMIT ({limit} bytes)")
 
 
 def template_error(message: str) -> ApiError:

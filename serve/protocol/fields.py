@@ -1,10 +1,12 @@
-"""Field types both protocols share."""
+"""What both APIs share: the `stop` field type, the base of every response model, SSE framing."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StrictStr
 
 
 def _as_list(value: Any) -> Any:
@@ -19,3 +21,39 @@ def _no_empty(value: list[str]) -> list[str]:
 
 
 StopSequences = Annotated[list[StrictStr], BeforeValidator(_as_list), AfterValidator(_no_empty)]
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def omitted_when_none() -> Any:
+    """A key that is left out of the JSON when None (e.g. `top_tokens`), instead of written `null`."""
+    return Field(default=None, exclude_if=_is_none)
+
+
+class WireModel(BaseModel):
+    """A response body. Field order is key order on the wire; `None` is written `null` unless the
+    field is `omitted_when_none()`. Serialised with `json.dumps` (`", "` and `": "` separators,
+    UTF-8 kept as is), the bytes clients have always received."""
+
+    def wire(self, exclude: set[str] | None = None) -> dict[str, Any]:
+        """The JSON object as a dict (`exclude`: top-level keys to leave out)."""
+        return self.model_dump(exclude=exclude)
+
+    def dumps(self, exclude: set[str] | None = None) -> str:
+        """The JSON text."""
+        return json.dumps(self.model_dump(exclude=exclude), ensure_ascii=False)
+
+
+def dumps(body: WireModel | Sequence[WireModel]) -> str:
+    """The JSON text of a body: one model, or a list of them (TGI's generate answer)."""
+    if isinstance(body, WireModel):
+        return body.dumps()
+    return json.dumps([m.wire() for m in body], ensure_ascii=False)
+
+
+def sse(event: WireModel | str, space: bool = True, exclude: set[str] | None = None) -> str:
+    """One SSE event: OpenAI writes `data: {...}`, TGI `data:{...}`; both end with a blank line."""
+    data = event if isinstance(event, str) else event.dumps(exclude)
+    return f"data: {data}\n\n" if space else f"data:{data}\n\n"

@@ -1,18 +1,27 @@
-"""TGI's native generate API: request schema and answer shapes (SPEC section 3).
+"""TGI's native generate API: the request and the answers (docs/api.md, "Generate").
 
 Lenient where TGI annoyed its users: `temperature: 0` means greedy and `top_p: 1.0` means no
-nucleus cut (TGI rejects both). Limits that come from the server's configuration
-(stop sequences, top_n_tokens, best_of) are checked by `GenerateRequest.check_limits`.
+nucleus cut (TGI rejects both). The schemas check each field's type and range; the limits that
+come from the server's configuration (stop sequences, top_n_tokens, best_of, token counts) are
+checked by `serve/validation.py`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
-from serve.protocol.errors import validation
-from serve.protocol.fields import StopSequences
+from serve.protocol.fields import StopSequences, WireModel, omitted_when_none
 
 
 class GenerateParameters(BaseModel):
@@ -68,71 +77,77 @@ class GenerateRequest(BaseModel):
     def _null_parameters(cls, value: Any) -> Any:
         return {} if value is None else value
 
-    def check_limits(self, max_stop: int, max_top_n: int, max_best_of: int) -> None:
-        """The server-configured limits; raises a 422 ApiError naming the field."""
-        p = self.parameters
-        if not self.inputs:
-            raise validation("Input validation error: `inputs` cannot be empty", "inputs")
-        if len(p.stop) > max_stop:
-            raise validation(
-                f"Input validation error: `stop` supports up to {max_stop} stop sequences. Given: {len(p.stop)}",
-                "parameters.stop",
-            )
-        if (p.top_n_tokens or 0) > max_top_n:
-            raise validation(
-                f"Input validation error: `top_n_tokens` must be >= 0 and <= {max_top_n}. Given: {p.top_n_tokens}",
-                "parameters.top_n_tokens",
-            )
-        if (p.best_of or 1) > max_best_of:
-            raise validation(
-                f"Input validation error: `best_of` must be > 0 and <= {max_best_of}. Given: {p.best_of}",
-                "parameters.best_of",
-            )
-        if self.stream and (p.best_of or 1) > 1:
-            raise validation("Input validation error: `best_of` != 1 is not allowed for streaming", "parameters.best_of")
-        if self.stream and p.decoder_input_details:
-            raise validation(
-                "Input validation error: `decoder_input_details` == true is not supported when streaming tokens",
-                "parameters.decoder_input_details",
-            )
-        if p.grammar is not None:
-            raise validation("Input validation error: `grammar` is not supported by this server yet", "parameters.grammar")
+
+# -- answers -------------------------------------------------------------------------------------
+class Token(WireModel):
+    """A generated token (or one of its `top_tokens` alternatives)."""
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
 
 
-def token_json(token: Any) -> dict[str, Any]:
-    """A generated token: `{id, text, logprob, special}` (a TokenInfo)."""
-    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
+def _nan_is_null(value: Any) -> Any:
+    # The first prompt token has no logprob: the engine says NaN, TGI's clients expect null.
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def prefill_json(token: Any) -> dict[str, Any]:
+class PrefillToken(WireModel):
     """A prompt token as TGI's `InputToken`: no `special` field; the first logprob is null."""
-    logprob = token.logprob
-    if logprob is not None and logprob != logprob:  # NaN for the first prompt token
-        logprob = None
-    return {"id": token.id, "text": token.text, "logprob": logprob}
+
+    id: int
+    text: str
+    logprob: Annotated[float | None, BeforeValidator(_nan_is_null)]
 
 
-def sequence_details(seq: Any, prefill: list[Any], with_top: bool) -> dict[str, Any]:
-    """The `details` object of one finished sequence (a handlers' SequenceResult)."""
-    out: dict[str, Any] = {
-        "finish_reason": seq.finish.reason.value,
-        "generated_tokens": seq.finish.generated_tokens,
-        "seed": seq.finish.seed,
-        "prefill": [prefill_json(t) for t in prefill],
-        "tokens": [token_json(t) for t in seq.tokens],
-    }
-    if with_top:
-        out["top_tokens"] = [[token_json(t) for t in top] for top in seq.top_tokens]
-    return out
+class SequenceDetails(WireModel):
+    """What `details` says about one finished sequence."""
+
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = omitted_when_none()
 
 
-def stream_event(
-    index: int, token: Any, top_tokens: list[Any] | None, generated_text: str | None, details: dict | None
-) -> dict[str, Any]:
-    """One SSE event of a generate stream (`generated_text`/`details` only on the last one)."""
-    event: dict[str, Any] = {"index": index, "token": token_json(token)}
-    if top_tokens:
-        event["top_tokens"] = [token_json(t) for t in top_tokens]
-    event["generated_text"] = generated_text
-    event["details"] = details
-    return event
+class _Text(WireModel):
+    generated_text: str
+
+
+class BestOfSequence(SequenceDetails, _Text):
+    """One of the other `best_of` candidates. Its text comes first: pydantic orders the fields of
+    the right-most base first."""
+
+
+class Details(SequenceDetails):
+    """`details` of the answer (asked with `parameters.details`)."""
+
+    best_of_sequences: list[BestOfSequence] | None = omitted_when_none()
+
+
+class GeneratedText(WireModel):
+    """The one element of the answer list."""
+
+    generated_text: str
+    details: Details | None = omitted_when_none()
+
+
+class StreamDetails(WireModel):
+    """`details` of a stream's last event."""
+
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamEvent(WireModel):
+    """One SSE event of a generate stream (`generated_text`/`details` only set on the last one)."""
+
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = omitted_when_none()
+    generated_text: str | None = None
+    details: StreamDetails | None = None

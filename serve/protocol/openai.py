@@ -1,20 +1,17 @@
-"""OpenAI chat completions and legacy completions: request schemas (SPEC section 4).
+"""OpenAI chat completions and legacy completions: the requests and the answers (docs/api.md).
 
 Lenient like OpenAI's own server: unknown fields are ignored (and logged at debug level by the
 handler). `tools`, `tool_choice` and JSON `response_format` modes are refused with a 422 that says so.
+The limits that come from the server's configuration are checked by `serve/validation.py`.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
-from serve.protocol.errors import validation
-from serve.protocol.fields import StopSequences
-
-log = logging.getLogger(__name__)
+from serve.protocol.fields import StopSequences, WireModel, omitted_when_none
 
 
 class ContentPart(BaseModel):
@@ -37,21 +34,12 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        """The text of this message; 422 for image or audio parts."""
+        """The message's text: the string, or the `text` parts joined with no separator."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        pieces = []
-        for part in self.content:
-            if part.type != "text":
-                raise validation(
-                    f"Input validation error: content parts of type `{part.type}` are not supported by this "
-                    "text-only model; send `text` parts",
-                    "messages",
-                )
-            pieces.append(part.text or "")
-        return "".join(pieces)
+        return "".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -152,10 +140,113 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+            return [[x for x in p if isinstance(x, int)]]  # one prompt of token ids
+        return [x for x in p if not isinstance(x, int)]
 
 
 def unknown_fields(model: type[BaseModel], body: dict[str, Any]) -> list[str]:
-    """Top-level keys the schema ignores (logged at debug level, as SPEC asks)."""
+    """Top-level keys the schema ignores (the handler logs them at debug level)."""
     return sorted(set(body) - set(model.model_fields))
+
+
+# -- answers -------------------------------------------------------------------------------------
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """The usage of a request that read `prompt_tokens` and generated `completion_tokens`."""
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class TopLogprob(WireModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class LogprobEntry(TopLogprob):
+    """One element of a chat choice's `logprobs.content`: a token and its alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(WireModel):
+    content: list[LogprobEntry]
+
+
+class AssistantMessage(WireModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(WireModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str
+
+
+class OpenAIResponse(WireModel):
+    """The keys every OpenAI answer and chunk starts with (the same `id` on every chunk of a stream)."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+
+class ChatCompletion(OpenAIResponse):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(WireModel):
+    """What a chunk adds to a choice: the role once, then pieces of content; `{}` on the last one."""
+
+    role: str | None = omitted_when_none()
+    content: str | None = omitted_when_none()
+
+
+class ChunkChoice(WireModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(OpenAIResponse):
+    """A chat stream event. `usage` is written (null but on the last chunk) only when the request
+    asked for `stream_options.include_usage`; the stream leaves the key out otherwise."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class LegacyLogprobs(WireModel):
+    """The completions `logprobs` shape: parallel lists and character offsets."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float | None] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(WireModel):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(OpenAIResponse):
+    """A completions answer, and each event of its stream (`usage` as in `ChatCompletionChunk`)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

@@ -1,0 +1,222 @@
+"""The validation boundary: a parsed request and the server's limits in, engine requests out.
+
+Every limit a client can run into, and the message it then reads, lives here, in the words TGI's
+and OpenAI's clients know (TGI's `router/src/validation.rs` plays the same part). Before it, the
+pydantic schemas of `serve/protocol/` have checked each field's type and range; after it, the
+engine only asserts its own invariants. Each API goes through the same three stages:
+
+1. fields: cheap checks with no tokenizer (how many stop strings, which combinations, what this
+   server does not support);
+2. prepare: render the chat template, tokenize, truncate (the costly stage, the one to move off
+   the gevent hub);
+3. token counts: the prompt's length, the new-token budget, the KV budget; then `SamplingParams`.
+
+Every refusal is an `ApiError`, 422 `validation` naming the field (`template_error` for templates).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from serve import chat_template
+from serve.config import Settings
+from serve.engine.request import GenerationRequest, SamplingParams
+from serve.protocol import errors
+from serve.protocol.generate import GenerateParameters, GenerateRequest
+from serve.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+if TYPE_CHECKING:  # serve.engine.config imports torch; the app must import without it (docs/architecture.md)
+    from serve.engine.config import EngineConfig
+
+
+def invalid(message: str, param: str | None) -> errors.ApiError:
+    """A 422 `validation` error in TGI's words ("Input validation error: ...")."""
+    return errors.validation(f"Input validation error: {message}", param)
+
+
+@dataclass(frozen=True)
+class CompletionPrompt:
+    """One prompt of a completions request: what the engine runs, and the text `echo` repeats."""
+
+    request: GenerationRequest
+    text: str
+
+
+class Validator:
+    """Checks requests against one server's limits: its Settings and its engine's EngineConfig."""
+
+    def __init__(self, settings: Settings, limits: EngineConfig, tokenizer: Any, model_name: str,
+                 model_vocab: int | None = None):
+        self.settings, self.limits, self.tokenizer = settings, limits, tokenizer
+        self.model_name, self.model_vocab = model_name, model_vocab
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """How many token ids a request may name: those both the tokenizer and the model know."""
+        size = len(self.tokenizer)
+        return size if self.model_vocab is None else min(size, self.model_vocab)
+
+    # -- TGI generate --------------------------------------------------------------------------------
+    def generate(self, req: GenerateRequest) -> GenerationRequest:
+        """A generate request as the engine runs it, or a 422."""
+        p = req.parameters
+        self._generate_fields(req)  # 1. fields
+        ids = self._generate_prompt(req)  # 2. prepare
+        max_new = self._new_tokens(ids, "inputs", p.max_new_tokens, "max_new_tokens")  # 3. token counts
+        self._kv_budget(len(ids), max_new, p.best_of or 1, "max_new_tokens", "best_of")
+        return GenerationRequest(ids, generate_params(p, max_new))
+
+    def _generate_prompt(self, req: GenerateRequest) -> list[int]:
+        """Tokenize as TGI does (with the model's special tokens), then keep the last `truncate`."""
+        ids = list(self.tokenizer(req.inputs)["input_ids"])
+        truncate = req.parameters.truncate
+        return ids if truncate is None else ids[-truncate:]
+
+    def _generate_fields(self, req: GenerateRequest) -> None:
+        p, s = req.parameters, self.settings
+        if not req.inputs:
+            raise invalid("`inputs` cannot be empty", "inputs")
+        self._stop_count(p.stop, "parameters.stop")
+        if (p.top_n_tokens or 0) > s.max_top_n_tokens:
+            raise invalid(f"`top_n_tokens` must be >= 0 and <= {s.max_top_n_tokens}. Given: {p.top_n_tokens}",
+                          "parameters.top_n_tokens")
+        if (p.best_of or 1) > s.max_best_of:
+            raise invalid(f"`best_of` must be > 0 and <= {s.max_best_of}. Given: {p.best_of}", "parameters.best_of")
+        if req.stream and (p.best_of or 1) > 1:
+            raise invalid("`best_of` != 1 is not allowed for streaming", "parameters.best_of")
+        if req.stream and p.decoder_input_details:
+            raise invalid("`decoder_input_details` == true is not supported when streaming tokens",
+                          "parameters.decoder_input_details")
+        if p.grammar is not None:
+            raise invalid("`grammar` is not supported by this server yet", "parameters.grammar")
+        if p.adapter_id not in (None, "", self.model_name):
+            raise invalid(f"adapter `{p.adapter_id}` is not loaded", "parameters.adapter_id")
+        if p.truncate is not None and p.truncate > self.limits.max_input_tokens:
+            raise invalid(f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. "
+                          f"Given: {p.truncate}", "parameters.truncate")
+
+    # -- OpenAI chat completions and completions -----------------------------------------------------
+    def chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+        """A chat request as the engine runs it, or a 422 (`template_error` when the template fails)."""
+        self._openai_fields(req)  # 1. fields
+        ids = self._chat_prompt(req)  # 2. prepare
+        max_new = self._new_tokens(ids, "messages", req.token_limit, "max_tokens")  # 3. token counts
+        self._kv_budget(len(ids), max_new, req.n, "max_tokens", "n")
+        top_n = (req.top_logprobs or 0) if req.logprobs else 0
+        return GenerationRequest(ids, openai_params(req, max_new, req.n, top_n))
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The messages rendered with the chat template, then tokenized."""
+        for message in req.messages:
+            for part in message.content if isinstance(message.content, list) else ():
+                if part.type != "text":
+                    raise invalid(f"content parts of type `{part.type}` are not supported by this text-only "
+                                  "model; send `text` parts", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            return chat_template.encode_messages(self.tokenizer, messages, self.settings.chat_template)
+        except chat_template.TemplateError as exc:
+            raise errors.template_error(str(exc)) from None
+
+    def completions(self, req: CompletionRequest) -> list[CompletionPrompt]:
+        """Every prompt of a completions request as the engine runs it, or a 422 for the first bad one."""
+        self._openai_fields(req)  # 1. fields
+        n, n_field = (req.best_of, "best_of") if req.best_of else (req.n, "n")
+        out = []
+        for prompt in req.prompts():
+            ids, text = self._completion_prompt(prompt)  # 2. prepare
+            max_new = self._new_tokens(ids, "prompt", req.max_tokens, "max_tokens")  # 3. token counts
+            params = openai_params(req, max_new, n, req.logprobs or 0)
+            params.prefill_logprobs = bool(req.echo and req.logprobs is not None)
+            out.append(CompletionPrompt(GenerationRequest(ids, params), text))
+        for done in out:  # every prompt's own limits first, then the KV budget, as the engine did
+            self._kv_budget(len(done.request.prompt_ids), done.request.params.max_new_tokens, n, "max_tokens", n_field)
+        return out
+
+    def _openai_fields(self, req: SamplingFields) -> None:
+        self._stop_count(req.stop, "stop")
+        bias = req.logit_bias or {}
+        if len(bias) > self.settings.max_logit_bias:
+            raise invalid(f"`logit_bias` supports up to {self.settings.max_logit_bias} entries. Given: {len(bias)}",
+                          "logit_bias")
+        for token in bias:
+            if token >= self.vocab_size:
+                raise invalid(f"`logit_bias` token id {token} is out of range (vocabulary size {self.vocab_size})",
+                              "logit_bias")
+
+    def _completion_prompt(self, prompt: str | list[int]) -> tuple[list[int], str]:
+        """(token ids, text) of one completions prompt; token-id prompts must be in the vocabulary."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"]), prompt
+        if any(t < 0 or t >= self.vocab_size for t in prompt):
+            raise invalid(f"`prompt` token ids must be in 0..{self.vocab_size - 1}", "prompt")
+        return list(prompt), self.tokenizer.decode(prompt)
+
+    # -- what every API shares -----------------------------------------------------------------------
+    def _stop_count(self, stop: list[str], param: str) -> None:
+        limit = self.settings.max_stop_sequences
+        if len(stop) > limit:
+            raise invalid(f"`stop` supports up to {limit} stop sequences. Given: {len(stop)}", param)
+
+    def _new_tokens(self, ids: list[int], field: str, requested: int | None, limit_field: str) -> int:
+        """The prompt's length, then the new tokens it leaves room for: `requested`, or when unset all
+        that MAX_TOTAL_TOKENS leaves."""
+        limit, total = self.limits.max_input_tokens, self.limits.max_total_tokens
+        if not ids:
+            raise invalid(f"`{field}` cannot be empty", field)
+        if len(ids) > limit:
+            raise invalid(f"`{field}` must have less than {limit} tokens. Given: {len(ids)}", field)
+        room = total - len(ids)
+        if requested is None and room < 1:
+            raise invalid(f"`{field}` must have less than {total} tokens. Given: {len(ids)}", field)
+        if requested is not None and requested > room:
+            raise invalid(f"`inputs` tokens + `{limit_field}` must be <= {total}. "
+                          f"Given: {len(ids)} `inputs` tokens and {requested} `{limit_field}`", limit_field)
+        return room if requested is None else requested
+
+    def _kv_budget(self, prompt_tokens: int, max_new: int, n: int, limit_field: str, n_field: str) -> None:
+        """All `n` sequences of a request must fit in the KV cache at once, or it could never run."""
+        reason = self.limits.unfit_reason(prompt_tokens, max_new, n)  # the engine's own block accounting
+        if reason is not None:
+            raise invalid(f"{reason}; lower `{limit_field}` or `{n_field}`", limit_field)
+
+
+# -- SamplingParams: request value, else the neutral default (which switches the step off) ----------
+def generate_params(p: GenerateParameters, max_new: int) -> SamplingParams:
+    """TGI semantics: greedy unless `do_sample` or a warper; multiplicative repetition penalty."""
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=1.0 if p.temperature is None else p.temperature,
+        do_sample=p.do_sample,
+        top_k=p.top_k or 0,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        typical_p=1.0 if p.typical_p is None else p.typical_p,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        seed=p.seed,
+        stop=list(p.stop),
+        top_n_tokens=p.top_n_tokens or 0,
+        prefill_logprobs=p.decoder_input_details,
+        n=p.best_of or 1,
+        watermark=p.watermark,
+    )
+
+
+def openai_params(req: SamplingFields, max_new: int, n: int, top_n: int) -> SamplingParams:
+    """OpenAI semantics: sampling unless temperature is 0; additive presence/frequency penalties."""
+    temperature = 1.0 if req.temperature is None else req.temperature
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=temperature,
+        do_sample=temperature > 0,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
+        seed=req.seed,
+        stop=list(req.stop),
+        top_n_tokens=top_n,
+        n=n,
+    )
