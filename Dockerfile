@@ -94,5 +94,9 @@ COPY container/serve container/gunicorn.conf.py /opt/program/container/
 RUN ln -s /opt/program/container/serve /usr/local/bin/serve && mkdir -p /opt/ml/model
 WORKDIR /opt/program
 EXPOSE 8080
+# No USER line, on purpose: the image runs as root. SageMaker's contract for hosting containers says
+# "SageMaker AI expects all containers to run with root users", and it mounts /opt/ml/model as root;
+# a non-root USER breaks the endpoint. Least privilege comes from outside the container: the
+# execution role (`python -m deploy role`), network isolation, the VPC and the KMS key.
 # No ENTRYPOINT: SageMaker passes `serve` as the command.
 CMD ["serve"]

@@ -1,33 +1,109 @@
-"""gunicorn settings for the SageMaker contract (SPEC section 6).
+"""gunicorn settings for the SageMaker contract (the README's "What happens when" table).
 
 One gevent worker holds the model: concurrency comes from gevent, batching from the engine. The
 app is not preloaded, so the model (and CUDA) is initialised in the worker after fork, never here.
-On SIGTERM the worker drains: /ping turns 503, new requests get 503, in-flight ones finish, then it
-exits, all within SageMaker's 30 s.
+On SIGTERM the worker drains: /ping turns 503, new requests get 503, in-flight ones finish, those that
+cannot finish in time end with an error their clients receive, then it exits, all within
+GRACEFUL_TIMEOUT (SageMaker's 30 s). SIGTERM during the model load exits at once. When the engine dies or stalls, the worker exits with
+RESTART_EXIT_CODE and the arbiter forks a fresh one, which loads the model again.
 """
 
 import _socket
 import contextlib
+import os
+import sys
 
 from gunicorn.workers.ggevent import GeventWorker
 
 from serve.config import Settings
 
 _settings = Settings.from_env()
+# Any code but 3 and 4: on those (worker boot error, app load error) gunicorn's arbiter halts the whole
+# server instead of forking a new worker (gunicorn/arbiter.py, Arbiter.reap_workers). 70 is EX_SOFTWARE.
+RESTART_EXIT_CODE = 70
+RESTART_GRACE_SECONDS = 10.0  # the hub's restart exit normally takes ~1.5 s (see _restart_on_hub)
 
 
 class DrainingGeventWorker(GeventWorker):
     """gunicorn's gevent worker, with SageMaker's shutdown instead of gunicorn's.
 
     gunicorn's SIGTERM stops accepting at once; SageMaker wants /ping to turn 503 while in-flight
-    requests finish. So on SIGTERM this worker keeps accepting (new /invocations get 503), waits
-    until nothing is in flight, then closes idle keep-alive connections (else they would hold the
-    worker until the master's SIGKILL) and lets gunicorn's normal exit run.
+    requests finish. So on SIGTERM this worker keeps accepting (new /invocations get 503), lets the
+    in-flight requests finish or, near the deadline, ends them with an error (ModelService.shutdown),
+    closes idle keep-alive connections and exits.
     """
 
     def init_process(self):
         self._clients = set()
+        self._busy = 0  # requests being handled right now (a connection between requests is idle)
+        self._restarting = False
         super().init_process()
+
+    def run(self):
+        import gevent
+
+        self._hub = gevent.get_hub()  # the main thread's hub, which the watchdog's thread hands the exit to
+        super().run()  # returns once `alive` is False, the servers closed and their connections ended
+        if self._restarting:
+            self._exit_now(RESTART_EXIT_CODE)
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        from serve.app import service_of
+
+        service_of(self.wsgi).on_fatal = self._exit_for_restart
+
+    def _exit_for_restart(self, reason):
+        """The watchdog's thread, once the engine is dead or stuck and its requests have been failed.
+
+        The exit itself runs on the hub (`_restart_on_hub`): it stops accepting first and lets the
+        requests being answered (pings, 503s) finish, so that no client is reset mid-answer; what
+        arrives meanwhile waits in the listening socket, which the master keeps open, for the fresh
+        worker. Should the hub be blocked, this thread exits anyway after RESTART_GRACE_SECONDS.
+        `os._exit`, not `sys.exit`: the engine thread may be stuck in a kernel, and a CUDA context
+        in an error state can hang an orderly interpreter shutdown.
+        """
+        import time
+
+        import gevent
+
+        self.log.error("engine failed (%s): exiting with code %d so that gunicorn starts a fresh worker",
+                       reason, RESTART_EXIT_CODE)
+        self._hub.loop.run_callback_threadsafe(gevent.spawn, self._restart_on_hub)
+        time.sleep(RESTART_GRACE_SECONDS)
+        self.log.error("the hub did not finish the restart in %ss: exiting now", RESTART_GRACE_SECONDS)
+        self._exit_now(RESTART_EXIT_CODE)
+
+    def _restart_on_hub(self):
+        import time
+
+        import gevent
+
+        self._restarting = True
+        self.alive = False  # run() closes the listening servers at its next tick (it sleeps 1 s between)
+        gevent.sleep(1.2)
+        deadline = time.monotonic() + 2.0
+        while self._busy and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        self._close_idle_clients()
+        gevent.sleep(0.2)  # the last responses' final chunks leave the server's greenlets
+        self._exit_now(RESTART_EXIT_CODE)
+
+    def _close_idle_clients(self):
+        """End the connections left open between requests (keep-alives): their readers see end-of-file."""
+        for client in list(self._clients):
+            # Shut down the OS socket, not gevent's wrapper (which would cancel the reader with an
+            # error): the waiting reader simply sees end-of-file and its greenlet ends.
+            raw = getattr(client, "_sock", client)
+            with contextlib.suppress(OSError):
+                _socket.socket.shutdown(raw, _socket.SHUT_RDWR)  # unpatched
+
+    @staticmethod
+    def _exit_now(code):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
     def handle(self, listener, client, addr):
         self._clients.add(client)
@@ -35,6 +111,13 @@ class DrainingGeventWorker(GeventWorker):
             super().handle(listener, client, addr)
         finally:
             self._clients.discard(client)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        self._busy += 1
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            self._busy -= 1
 
     def handle_exit(self, sig, frame):
         import gevent
@@ -46,24 +129,30 @@ class DrainingGeventWorker(GeventWorker):
 
         import gevent
 
-        from serve.app import runtime_of
+        from serve.app import service_of
+        from serve.service import Status
 
-        runtime = runtime_of(self.wsgi)
-        runtime.drain()
-        self.log.info("SIGTERM: draining (%d requests in flight)", runtime.inflight)
+        service = service_of(self.wsgi)
         start = time.monotonic()
-        deadline = start + max(1, _settings.graceful_timeout - 2)
-        while runtime.inflight > 0 and time.monotonic() < deadline:
-            gevent.sleep(0.1)  # a short poll, once, during shutdown
-        self.log.info("drained after %.1fs (%d still in flight); exiting", time.monotonic() - start, runtime.inflight)
-        runtime.shutdown()
+        if service.status is Status.LOADING:
+            # Nothing is in flight and the loader thread cannot be interrupted: a fresh worker would
+            # load again anyway, so this one leaves now instead of at the master's SIGKILL.
+            self.log.info("SIGTERM while the model loads: exiting now")
+            self._exit_now(0)
+        self.log.info("SIGTERM: draining (%d requests in flight)", service.inflight)
+        # Done two seconds before the master's SIGKILL (graceful_timeout after its own SIGTERM).
+        deadline = start + max(2.0, _settings.graceful_timeout - 2)
+        cut = service.shutdown(deadline, gevent.sleep)
+        self.log.info("drained after %.1fs (%d still in flight, %d cut short); exiting",
+                      time.monotonic() - start, service.inflight, cut)
+        if service.engine is not None and not service.engine.stopped:
+            self.log.warning("the engine loop is still in a forward pass: exiting without it")
         self.alive = False
-        for client in list(self._clients):  # nothing is in flight: these are idle keep-alives
-            # Shut down the OS socket, not gevent's wrapper (which would cancel the reader with an
-            # error): the waiting reader simply sees end-of-file and its greenlet ends.
-            raw = getattr(client, "_sock", client)
-            with contextlib.suppress(OSError):
-                _socket.socket.shutdown(raw, _socket.SHUT_RDWR)  # unpatched
+        self._close_idle_clients()  # what is left are idle keep-alives
+        gevent.sleep(0.2)  # the last responses' final chunks leave the server's greenlets
+        # Not the interpreter's orderly exit: tearing torch down takes seconds (2.5 s measured) that
+        # the deadline does not have, and a loop still inside a forward pass could hang it.
+        self._exit_now(0)
 
 
 bind = f"{_settings.host}:{_settings.port}"

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from container.dockerengine import DOCKER, DockerEngine, docker, ensure_packages, host_lock, image_exists
+from container.dockerengine import DockerEngine, docker, docker_cli, ensure_packages, host_lock, image_exists
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION_BASE = "debian:bookworm-slim"  # the Dockerfile's default FROM
@@ -128,7 +128,7 @@ class BuildReport:
 
 
 def _build_command(tag: str, variant: str, base_image: str, wheels_image: str) -> list[str]:
-    cmd = [DOCKER, "build", "--progress=plain", "--tag", tag, "--build-arg", f"VARIANT={variant}",
+    cmd = [docker_cli(), "build", "--progress=plain", "--tag", tag, "--build-arg", f"VARIANT={variant}",
            "--build-arg", f"BASE_IMAGE={base_image}", "--build-arg", f"WHEELS_IMAGE={wheels_image}",
            "--build-arg", f"TORCH_VERSION={TORCH_VERSION}"]
     if os.path.isfile(CA_BUNDLE):  # pip inside the build trusts what the host trusts
