@@ -15,7 +15,7 @@ from pathlib import Path
 
 import botocore.exceptions as bce
 
-from deploy import autoscaling, ecr, endpoints, model_artifacts, sdk_deploy, teardown
+from deploy import autoscaling, ecr, endpoints, flags, governance, iam, model_artifacts, sdk_deploy, teardown
 from deploy.errors import DeployError
 from deploy.progress import log
 from deploy.session import Aws, check_instance_type, connect, resolve_role
@@ -33,6 +33,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--profile", help="AWS profile (default: AWS_PROFILE / default credentials)")
     common.add_argument("--state-dir", help="where the record of created resources is kept "
                         "(default: $DEPLOY_STATE_DIR or ~/.sagemaker-llm-serve/deployments)")
+    flags.add_tags(common)
     return common
 
 
@@ -45,8 +46,10 @@ def _add_push(sub, common) -> None:
     p.add_argument("--build", choices=("gpu", "cpu"), help="build --image first with container/imagebuild.py: "
                    "gpu (CUDA torch, for SageMaker GPU instances) or cpu")
     p.add_argument("--repository", default="sagemaker-llm-serve", help="ECR repository name")
-    p.add_argument("--registry-override", help="push to this host:port instead of the ECR registry, with the "
-                   "ECR credentials (tests: a local registry); default $DEPLOY_REGISTRY_OVERRIDE")
+    p.add_argument("--registry-override", help="push to this loopback host:port instead of the ECR registry "
+                   "(tests: a local registry); default $DEPLOY_REGISTRY_OVERRIDE")
+    p.add_argument("--send-ecr-credentials", action="store_true", help="log in to the override registry with the "
+                   "account's ECR credentials (default $DEPLOY_REGISTRY_OVERRIDE_CREDENTIALS=1; loopback only)")
 
 
 def _add_upload(sub, common) -> None:
@@ -58,6 +61,7 @@ def _add_upload(sub, common) -> None:
     p.add_argument("--prefix", help="key prefix (default models/NAME)")
     p.add_argument("--uncompressed", action="store_true",
                    help="upload the files under a prefix (ModelDataSource, no tarball: faster for big models)")
+    flags.add_kms_key(p, "the uploaded objects and the default encryption of a bucket created here (else SSE-S3)")
 
 
 def _add_deploy(sub, common) -> None:
@@ -65,7 +69,8 @@ def _add_deploy(sub, common) -> None:
                        description="Create model, endpoint config and endpoint (or update the endpoint in place "
                        "with a new config), wait for InService with a progress line, then invoke it once.")
     p.add_argument("--image-uri", required=True, help="image URI printed by `push`")
-    p.add_argument("--role", help="SageMaker execution role name or ARN (default $SAGEMAKER_ROLE)")
+    p.add_argument("--role", help="SageMaker execution role name or ARN (default $SAGEMAKER_ROLE, else the role "
+                   "`role --name NAME` made)")
     p.add_argument("--model-data", help="s3://.../model.tar.gz or an s3://.../prefix/ from upload-model "
                    "(omit to serve HF_MODEL_ID or the embedded default model)")
     p.add_argument("--instance-type", default=endpoints.DEFAULT_INSTANCE_TYPE, help="default %(default)s")
@@ -85,12 +90,16 @@ def _add_deploy(sub, common) -> None:
     p.add_argument("--poll", type=float, default=15.0, help="seconds between status checks")
     p.add_argument("--no-smoke-test", action="store_true", help="skip the one test invocation")
     p.add_argument("--sdk", action="store_true", help="use the SageMaker Python SDK (sagemaker-core) instead of boto3")
+    flags.add_deploy_options(p)
 
 
-def _add_rest(sub, common) -> None:
+def _add_invoke(sub, common) -> None:
     p = sub.add_parser("invoke", parents=[common], help="send one request, print the generated text")
     p.add_argument("--body", help="JSON request body (default: a short generate, or chat with --oai)")
     p.add_argument("--oai", action="store_true", help="default body in OpenAI chat format")
+
+
+def _add_autoscale(sub, common) -> None:
     p = sub.add_parser("autoscale", parents=[common], help="target-tracking autoscaling on invocations",
                        description="Register the variant with Application Auto Scaling and track "
                        "SageMakerVariantInvocationsPerInstance (requests per instance per minute).")
@@ -101,6 +110,9 @@ def _add_rest(sub, common) -> None:
     p.add_argument("--scale-in-cooldown", type=int, default=300)
     p.add_argument("--scale-out-cooldown", type=int, default=60)
     p.add_argument("--disable", action="store_true", help="remove the policy and deregister instead")
+
+
+def _add_delete_and_status(sub, common) -> None:
     p = sub.add_parser("delete", parents=[common], help="delete everything this deployment created, nothing else")
     p.add_argument("--wait-timeout", type=float, default=1800)
     p.add_argument("--poll", type=float, default=10.0)
@@ -113,32 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m deploy",
         description="Deploy the sagemaker-llm-serve container to SageMaker: from a checkout to an InService "
         "endpoint and back. Each command prints its result on stdout and its progress on stderr.",
-        epilog="Typical sequence: push -> upload-model -> deploy -> autoscale -> invoke -> delete. "
+        epilog="Typical sequence: push -> upload-model -> role -> deploy -> autoscale -> invoke -> delete. "
         "Errors about credentials, region, role or instance type exit with status 2.")
     common = _common()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_push(sub, common)
     _add_upload(sub, common)
+    flags.add_role(sub, common)
     _add_deploy(sub, common)
-    _add_rest(sub, common)
+    _add_invoke(sub, common)
+    _add_autoscale(sub, common)
+    _add_delete_and_status(sub, common)
     return parser
 
 
-def _spec(aws: Aws, args: argparse.Namespace) -> endpoints.EndpointSpec:
+def _spec(aws: Aws, state: DeploymentState, args: argparse.Namespace) -> endpoints.EndpointSpec:
     limits = {name: getattr(args, name.lower()) for name in LIMITS}
     environment = endpoints.build_environment(args.oai_enabled, args.hf_model_id, args.num_gpus, limits, args.env)
+    role = args.role or os.environ.get("SAGEMAKER_ROLE") or iam.recorded_role(state)
     return endpoints.EndpointSpec(
-        name=args.name, image_uri=args.image_uri,
-        role_arn=resolve_role(aws, args.role or os.environ.get("SAGEMAKER_ROLE")),
+        name=args.name, image_uri=args.image_uri, role_arn=resolve_role(aws, role),
         instance_type=check_instance_type(args.instance_type), instance_count=args.instance_count,
         variant=args.variant, environment=environment,
         model_data=model_artifacts.ModelData(args.model_data) if args.model_data else None,
         startup_timeout=args.startup_timeout, download_timeout=args.download_timeout,
+        **flags.spec_fields(aws, state, args, environment, bool(args.model_data)),
     )
 
 
 def _run_deploy(aws: Aws, state: DeploymentState, args: argparse.Namespace) -> str:
-    spec = _spec(aws, args)
+    spec = _spec(aws, state, args)
     run = sdk_deploy.deploy_with_sdk if args.sdk else endpoints.deploy
     desc = run(aws, spec, state, wait_timeout=args.wait_timeout, poll=args.poll)
     log(f"endpoint {desc['EndpointName']} InService with config {desc['EndpointConfigName']}")
@@ -151,13 +167,17 @@ def _run_deploy(aws: Aws, state: DeploymentState, args: argparse.Namespace) -> s
 def _dispatch(args: argparse.Namespace) -> str | None:
     aws = connect(args.region, args.profile)
     state = DeploymentState.load(args.name, aws.region, state_dir(args.state_dir))
+    tags = governance.parse_tags(args.tags)
     if args.command == "push":
-        return ecr.build_and_push(aws, state, args.image, args.repository, args.registry_override,
-                                  args.build).image_uri
+        return ecr.build_and_push(aws, state, args.image, args.repository, args.registry_override, args.build,
+                                  args.send_ecr_credentials, tags).image_uri
     if args.command == "upload-model":
         bucket = args.bucket or f"sagemaker-llm-serve-{aws.account_id}-{aws.region}"
         prefix = args.prefix or f"models/{args.name}"
-        return model_artifacts.upload_model(aws, state, args.model_dir, bucket, prefix, args.uncompressed).s3_uri
+        return model_artifacts.upload_model(aws, state, args.model_dir, bucket, prefix, args.uncompressed,
+                                            governance.resolve_kms_key(aws, args.kms_key), tags).s3_uri
+    if args.command == "role":
+        return flags.run_role(aws, state, args)
     if args.command == "deploy":
         return _run_deploy(aws, state, args)
     if args.command == "invoke":

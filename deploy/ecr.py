@@ -1,14 +1,17 @@
 """Build-and-push: the ECR repository, the registry login, version + git-sha tags, the docker push.
 
-The registry host can be overridden (--registry-override / $DEPLOY_REGISTRY_OVERRIDE): the image
-is then pushed to that host, under the ECR repository's name, with the ECR credentials. The tests
-use it because an offline ECR stand-in (moto) hands out a registry address nothing listens on; a
-local `docker-registry` on loopback receives the push instead.
+The registry host can be overridden (--registry-override / $DEPLOY_REGISTRY_OVERRIDE), a test aid:
+an offline ECR stand-in (moto) hands out a registry address nothing listens on, so a local
+`docker-registry` on loopback receives the push instead, under the ECR repository's name. The ECR
+credentials are the account's: they go to the ECR registry, and to an override only when it is on
+loopback and the caller asks for it (--send-ecr-credentials / $DEPLOY_REGISTRY_OVERRIDE_CREDENTIALS=1);
+any other override host is refused.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 import subprocess
@@ -24,6 +27,7 @@ from deploy.state import TAG_KEY, DeploymentState, tags_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_OVERRIDE_ENV = "DEPLOY_REGISTRY_OVERRIDE"
+OVERRIDE_CREDENTIALS_ENV = "DEPLOY_REGISTRY_OVERRIDE_CREDENTIALS"
 
 
 @dataclass
@@ -70,7 +74,7 @@ def image_tags(version: str, sha: str) -> list[str]:
     return [version, f"{version}-{sha}"]
 
 
-def ensure_repository(aws: Aws, name: str, state: DeploymentState) -> str:
+def ensure_repository(aws: Aws, name: str, state: DeploymentState, tags: dict[str, str] | None = None) -> str:
     """The repository URI, creating the repository (tagged, scan on push) when it is missing."""
     ecr = aws.client("ecr")
     try:
@@ -81,7 +85,7 @@ def ensure_repository(aws: Aws, name: str, state: DeploymentState) -> str:
             raise
     with step(f"create ECR repository {name}"):
         repo = ecr.create_repository(
-            repositoryName=name, tags=tags_for(state.name), imageScanningConfiguration={"scanOnPush": True},
+            repositoryName=name, tags=tags_for(state.name, tags), imageScanningConfiguration={"scanOnPush": True},
         )["repository"]
     state.add("ecr-repository", name, arn=repo["repositoryArn"], uri=repo["repositoryUri"])
     log(f"created ECR repository {repo['repositoryUri']}")
@@ -97,12 +101,43 @@ def registry_auth(aws: Aws) -> RegistryAuth:
     return RegistryAuth(username=username, password=password, registry=registry)
 
 
-def _push_tag(client, ref: str, tag: str, auth: RegistryAuth, progress: Progress) -> str:
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and [::1], with or without a port."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_override(override: str | None) -> None:
+    """DeployError for an override that is not on loopback (it would receive the account's image)."""
+    if override and not is_loopback(override):
+        raise DeployError(f"registry override {override} is not on loopback: the override is a test aid for a "
+                          f"local registry; unset {REGISTRY_OVERRIDE_ENV} / --registry-override to push to ECR")
+
+
+def push_credentials(auth: RegistryAuth, override: str | None, send_to_override: bool) -> RegistryAuth | None:
+    """The credentials the push may present: ECR's for ECR; for an override only on request, on loopback."""
+    if not override:
+        return auth
+    check_override(override)
+    if not send_to_override:
+        log(f"registry override {override}: pushing without the ECR credentials (--send-ecr-credentials "
+            f"or {OVERRIDE_CREDENTIALS_ENV}=1 sends them to a loopback test registry)")
+        return None
+    return auth
+
+
+def _push_tag(client, ref: str, tag: str, auth: RegistryAuth | None, progress: Progress) -> str:
     """Push one tag, streaming the engine's per-layer progress into one line; returns the digest."""
     sizes: dict[str, tuple[int, int]] = {}  # layer id -> (bytes sent, bytes to send)
     finished: set[str] = set()
     digest = ""
-    auth_config = {"username": auth.username, "password": auth.password}
+    auth_config = {"username": auth.username, "password": auth.password} if auth else None
     for event in client.api.push(ref, tag=tag, stream=True, decode=True, auth_config=auth_config):
         if "error" in event:
             raise DeployError(f"docker push {ref}:{tag} failed: {event['error']}")
@@ -121,7 +156,7 @@ def _push_tag(client, ref: str, tag: str, auth: RegistryAuth, progress: Progress
     return digest
 
 
-def push_image(local_image: str, repository_uri: str, tags: list[str], auth: RegistryAuth,
+def push_image(local_image: str, repository_uri: str, tags: list[str], auth: RegistryAuth | None,
                registry_override: str | None = None) -> PushResult:
     """Tag `local_image` as repository:tag for every tag and push them (docker engine API)."""
     import docker  # imported here: only push needs a Docker engine
@@ -165,17 +200,21 @@ def build_local_image(tag: str, variant: str) -> None:
 
 
 def build_and_push(aws: Aws, state: DeploymentState, local_image: str, repository: str,
-                   registry_override: str | None = None, build: str | None = None) -> PushResult:
+                   registry_override: str | None = None, build: str | None = None,
+                   send_ecr_credentials: bool = False, resource_tags: dict[str, str] | None = None) -> PushResult:
     """The whole push step: [build,] repository, login, version and git-sha tags, push; recorded in state."""
     override = registry_override or os.environ.get(REGISTRY_OVERRIDE_ENV) or None
+    send = send_ecr_credentials or os.environ.get(OVERRIDE_CREDENTIALS_ENV) == "1"
+    check_override(override)  # before anything is built or created
     if build:
         build_local_image(local_image, build)
-    repository_uri = ensure_repository(aws, repository, state)
+    repository_uri = ensure_repository(aws, repository, state, resource_tags)
     auth = registry_auth(aws)
+    credentials = push_credentials(auth, override, send)
     if override:
         log(f"registry override: pushing to {override} instead of {auth.registry}")
     tags = image_tags(project_version(), git_sha())
-    result = push_image(local_image, repository_uri, tags, auth, override)
+    result = push_image(local_image, repository_uri, tags, credentials, override)
     state.add("ecr-image", f"{repository}:{tags[-1]}", repository=repository, tags=tags, digest=result.digest,
               pushed=result.pushed)
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -19,8 +20,10 @@ import botocore.exceptions as bce
 
 from deploy import autoscaling
 from deploy.errors import DeployError
+from deploy.governance import DataCapture, Network
 from deploy.model_artifacts import ModelData
 from deploy.progress import Progress, log
+from deploy.rollout import Rollout, check_not_rolled_back, deployment_config
 from deploy.session import Aws, step
 from deploy.state import DeploymentState, tags_for
 
@@ -44,6 +47,21 @@ class EndpointSpec:
     # An LLM takes minutes to download and load; SageMaker's defaults assume small models.
     startup_timeout: int = 600
     download_timeout: int = 1200
+    network: Network = field(default_factory=Network)
+    kms_key_arn: str | None = None  # the instances' storage volume and the captured data
+    data_capture: DataCapture | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # the user's, beside ours
+    rollout: Rollout | None = None  # None: the in-place update
+    rollback_alarms: tuple[str, ...] = ()
+
+    def config_fields(self) -> dict[str, Any]:
+        """The CreateEndpointConfig fields besides the variants: KmsKeyId, DataCaptureConfig."""
+        fields: dict[str, Any] = {}
+        if self.kms_key_arn:
+            fields["KmsKeyId"] = self.kms_key_arn
+        if self.data_capture is not None:
+            fields["DataCaptureConfig"] = self.data_capture.config(self.kms_key_arn)
+        return fields
 
 
 def build_environment(oai_enabled: str | None = None, hf_model_id: str | None = None,
@@ -100,14 +118,28 @@ def describe_endpoint(aws: Aws, name: str) -> dict[str, Any] | None:
         raise
 
 
-def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 15.0) -> dict[str, Any]:
-    """Poll until the endpoint is InService, showing a progress line; DeployError if it fails."""
-    progress = Progress(f"endpoint {name}")
+def _descriptions(aws: Aws, name: str, timeout: float, poll: float) -> Iterator[dict[str, Any] | None]:
+    """The endpoint's description (None once it is gone), now and then at growing intervals, until
+    `timeout`: quick first looks, then every `poll` seconds (a model load takes minutes)."""
     deadline = time.monotonic() + timeout
-    delay = 1.0  # quick first looks, then every `poll` seconds: a model load takes minutes
+    delay = 1.0
     while True:
         with step(f"describe endpoint {name}"):
             desc = describe_endpoint(aws, name)
+        yield desc
+        if time.monotonic() > deadline:
+            status = desc["EndpointStatus"] if desc else "gone"
+            raise DeployError(f"endpoint {name} still {status} after {timeout:.0f} s")
+        time.sleep(min(delay, poll))
+        delay *= 2
+
+
+def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 15.0) -> dict[str, Any]:
+    """Poll until the endpoint is InService, showing a progress line; DeployError if it fails."""
+    progress = Progress(f"endpoint {name}")
+    descriptions = _descriptions(aws, name, timeout, poll)
+    while True:
+        desc = next(descriptions)
         if desc is None:
             raise DeployError(f"endpoint {name} disappeared while waiting for it")
         status = desc["EndpointStatus"]
@@ -118,38 +150,31 @@ def wait_for_endpoint(aws: Aws, name: str, timeout: float = 3600, poll: float = 
             progress.done(status)
             raise DeployError(f"endpoint {name} is {status}: {desc.get('FailureReason', 'no reason given')} "
                               f"(CloudWatch log group /aws/sagemaker/Endpoints/{name} has the container's log)")
-        if time.monotonic() > deadline:
-            raise DeployError(f"endpoint {name} still {status} after {timeout:.0f} s")
         progress.update(status)
-        time.sleep(min(delay, poll))
-        delay *= 2
 
 
 def wait_deleted(aws: Aws, name: str, timeout: float, poll: float) -> None:
     """Wait until the endpoint is gone (its config cannot be deleted before)."""
     progress = Progress(f"endpoint {name}")
-    deadline = time.monotonic() + timeout
-    delay = 1.0
-    while (desc := describe_endpoint(aws, name)) is not None:
-        if time.monotonic() > deadline:
-            raise DeployError(f"endpoint {name} still {desc['EndpointStatus']} after {timeout:.0f} s")
+    for desc in _descriptions(aws, name, timeout, poll):
+        if desc is None:
+            progress.done("deleted")
+            return
         progress.update(desc["EndpointStatus"])
-        time.sleep(min(delay, poll))
-        delay *= 2
-    progress.done("deleted")
 
 
 def create_model_and_config(aws: Aws, spec: EndpointSpec, state: DeploymentState) -> tuple[str, str]:
     """Create a new model and endpoint config for `spec`, both tagged and recorded."""
     sm = aws.client("sagemaker")
     model_name, config_name = versioned_name(spec.name), versioned_name(spec.name)
+    tags = tags_for(state.name, spec.tags)
     with step(f"create model {model_name}"):
-        sm.create_model(ModelName=model_name, ExecutionRoleArn=spec.role_arn,
-                        PrimaryContainer=container_definition(spec), Tags=tags_for(state.name))
+        sm.create_model(ModelName=model_name, ExecutionRoleArn=spec.role_arn, Tags=tags,
+                        PrimaryContainer=container_definition(spec), **spec.network.model_fields())
     state.add("model", model_name)
     with step(f"create endpoint config {config_name}"):
-        sm.create_endpoint_config(EndpointConfigName=config_name, Tags=tags_for(state.name),
-                                  ProductionVariants=[production_variant(spec, model_name)])
+        sm.create_endpoint_config(EndpointConfigName=config_name, Tags=tags,
+                                  ProductionVariants=[production_variant(spec, model_name)], **spec.config_fields())
     state.add("endpoint-config", config_name, model=model_name)
     log(f"created model {model_name} and endpoint config {config_name}")
     return model_name, config_name
@@ -161,10 +186,13 @@ def _update(aws: Aws, spec: EndpointSpec, existing: dict[str, Any], config_name:
     old_types = {v["VariantName"]: v.get("InstanceType") for v in old_config["ProductionVariants"]}
     # Application Auto Scaling refuses an update that changes a scaled variant's instance type.
     must_suspend = old_types.get(spec.variant) not in (None, spec.instance_type)
+    blue_green = deployment_config(spec.rollout, spec.rollback_alarms)
     with autoscaling.suspended(aws, spec.name, spec.variant, active=must_suspend):
         with step(f"update endpoint {spec.name}"):
-            aws.client("sagemaker").update_endpoint(EndpointName=spec.name, EndpointConfigName=config_name)
-        log(f"updating endpoint {spec.name} to {config_name}")
+            aws.client("sagemaker").update_endpoint(EndpointName=spec.name, EndpointConfigName=config_name,
+                                                    **({"DeploymentConfig": blue_green} if blue_green else {}))
+        how = f"blue/green, {spec.rollout.kind.lower().replace('_', ' ')}" if spec.rollout else "in place"
+        log(f"updating endpoint {spec.name} to {config_name} ({how})")
         return wait_for_endpoint(aws, spec.name, wait_timeout, poll)
 
 
@@ -208,13 +236,15 @@ def deploy(aws: Aws, spec: EndpointSpec, state: DeploymentState, wait_timeout: f
     if existing is None:
         with step(f"create endpoint {spec.name}"):
             aws.client("sagemaker").create_endpoint(EndpointName=spec.name, EndpointConfigName=config_name,
-                                                    Tags=tags_for(state.name))
+                                                    Tags=tags_for(state.name, spec.tags))
         state.add("endpoint", spec.name)
-        log(f"creating endpoint {spec.name}")
+        log(f"creating endpoint {spec.name}" + (" (a first deploy has no old fleet to shift traffic from)"
+                                                if spec.rollout else ""))
         desc = wait_for_endpoint(aws, spec.name, wait_timeout, poll)
     else:
         desc = _update(aws, spec, existing, config_name, wait_timeout, poll)
     retire_superseded(aws, state, keep_config=desc["EndpointConfigName"])
+    check_not_rolled_back(desc, config_name)  # an alarm fired: SageMaker shifted the traffic back
     return desc
 
 

@@ -9,9 +9,9 @@ CREDENTIALS_HELP = (
     "AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary credentials)"
 )
 ROLE_HELP = (
-    "pass --role with the name or ARN of an IAM role whose trust policy allows "
-    "sagemaker.amazonaws.com to assume it (e.g. one with AmazonSageMakerFullAccess), and make sure "
-    "you may iam:PassRole it"
+    "create one with only what this endpoint needs (`python -m deploy role --name NAME --model-data S3_URI`, "
+    "then `deploy` uses it), or pass --role with the name or ARN of an IAM role whose trust policy allows "
+    "sagemaker.amazonaws.com to assume it; you must be allowed iam:PassRole on it"
 )
 
 

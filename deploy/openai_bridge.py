@@ -1,7 +1,7 @@
 """httpx transports that let OpenAI-speaking clients reach a container or a SageMaker endpoint.
 
-The container answers OpenAI's chat and completions bodies on `POST /invocations` (SPEC 4). Clients
-such as `openai.OpenAI`, LangChain's `ChatOpenAI` and LlamaIndex's `OpenAILike` post to
+The container answers OpenAI's chat and completions bodies on `POST /invocations` (docs/api.md,
+"Dispatch"). Clients such as `openai.OpenAI`, LangChain's `ChatOpenAI` and LlamaIndex's `OpenAILike` post to
 `{base_url}/chat/completions` instead; these transports take those requests and
 
 - `ContainerTransport`: send them to a local container's `/invocations`, unchanged;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ def state_dir(override: str | None = None) -> Path:
     return Path(override or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
 
 
-def tags_for(deployment: str) -> list[dict[str, str]]:
-    """The tag every resource created for `deployment` carries (SageMaker / ECR key-value shape)."""
-    return [{"Key": TAG_KEY, "Value": deployment}]
+def tags_for(deployment: str, extra: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """The tags a resource created for `deployment` carries: ours, then the user's (SageMaker / ECR shape)."""
+    return [{"Key": TAG_KEY, "Value": deployment}, *({"Key": k, "Value": v} for k, v in (extra or {}).items())]
 
 
 @dataclass

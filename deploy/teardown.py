@@ -2,7 +2,7 @@
 
 The state file says what to delete; each SageMaker resource must also still carry this deployment's
 tag, so a name reused by someone else since is left alone. Buckets and repositories are removed only
-when they are ours and empty once our own objects and images are gone.
+when they are ours and empty once our own objects and images are gone; the execution role last.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import botocore.exceptions as bce
 
-from deploy import ecr, model_artifacts
+from deploy import ecr, iam, model_artifacts
 from deploy.autoscaling import DIMENSION, NAMESPACE
 from deploy.endpoints import wait_deleted
 from deploy.progress import log
@@ -82,7 +82,7 @@ def _delete_autoscaling(aws: Aws, state: DeploymentState) -> None:
 def _delete_storage(aws: Aws, state: DeploymentState) -> None:
     for obj in state.find("s3-object"):
         with step(f"delete {obj.name}"):
-            aws.client("s3").delete_object(Bucket=obj.details["bucket"], Key=obj.details["key"])
+            model_artifacts.delete_object(aws, obj.details["bucket"], obj.details["key"])
         state.remove("s3-object", obj.name)
     for image in state.find("ecr-image"):
         ecr.delete_pushed_images(aws, image.details["repository"], image.details["tags"])
@@ -96,10 +96,14 @@ def _delete_storage(aws: Aws, state: DeploymentState) -> None:
         if ecr.delete_repository_if_ours(aws, repo.name, state.name):
             log(f"deleted ECR repository {repo.name}")
         state.remove("ecr-repository", repo.name)
+    for role in state.find("iam-role"):  # last: nothing that uses the role is left
+        if iam.delete_role_if_ours(aws, role.name, state.name):
+            log(f"deleted IAM role {role.name}")
+        state.remove("iam-role", role.name)
 
 
 def delete_all(aws: Aws, state: DeploymentState, wait_timeout: float = 1800, poll: float = 10.0) -> None:
-    """Delete everything the state lists: scaling, endpoint, configs, models, S3 objects, images."""
+    """Delete everything the state lists: scaling, endpoint, configs, models, S3 objects, images, role."""
     if not state.resources:
         log(f"nothing recorded for deployment {state.name} in {state.path}")
         return

