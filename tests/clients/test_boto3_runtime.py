@@ -28,7 +28,7 @@ def test_invoke_endpoint_chat(oai_runtime):
     assert "Paris" in answer["choices"][0]["message"]["content"]
     assert answer["usage"]["completion_tokens"] > 0
     assert out["ContentType"] == "application/json" and out["InvokedProductionVariant"] == "AllTraffic"
-    assert out["CustomAttributes"] == "trace-id=42"  # the container echoes it (SPEC 6)
+    assert out["CustomAttributes"] == "trace-id=42"  # the container echoes it (docs/api.md, "On SageMaker")
     assert "x-compute-time" not in out["ResponseMetadata"]["HTTPHeaders"]  # the service strips extras
 
 

@@ -1,4 +1,4 @@
-"""OpenAI chat completions and legacy completions against the real server (SPEC section 4)."""
+"""OpenAI chat completions and legacy completions against the real server (docs/api.md, "Chat completions")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC section 1 and 5 against the real server: every dispatch row, JSON lines, transport errors."""
+"""Routes, dispatch and errors (docs/api.md) on the real server: dispatch rows, JSON lines, transport errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TGI generate against the real server: every parameter does what it says (SPEC section 3)."""
+"""TGI generate against the real server: every parameter does what it says (docs/api.md, "Generate")."""
 
 from __future__ import annotations
 

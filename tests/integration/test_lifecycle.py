@@ -103,4 +103,4 @@ def test_sigterm_lets_eight_streams_finish(server):
     assert server.proc.wait(30) == 0
     print(f"8 streams drained; exit {time.monotonic() - t0:.1f}s after SIGTERM")
     logs = server.logs()
-    assert "SIGTERM: draining (8 requests in flight)" in logs and "(0 still in flight); exiting" in logs
+    assert "SIGTERM: draining (8 requests in flight)" in logs and "(0 still in flight, 0 cut short); exiting" in logs

@@ -87,7 +87,10 @@ def execute(path: Path, env: dict[str, str] | None = None) -> tuple[nbformat.Not
     os.environ.update({"NOTEBOOK_MODE": "local", **(env or {})})  # the kernel inherits this environment
     started = time.monotonic()
     try:
-        client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", startup_timeout=120,
+        # The notebook's own kernel: 02 runs on the SageMaker SDK v3's environment (`sagemaker-sdk3`,
+        # registered by `make setup`), the others on this one's.
+        kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
+        client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=kernel, startup_timeout=120,
                                 resources={"metadata": {"path": str(path.parent)}})
         client.km = client.create_kernel_manager()
         # A kernel that does not exit within shutdown_wait_time is killed, and a killed kernel cannot

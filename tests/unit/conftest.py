@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from serve.engine.engine import Engine, EngineConfig
+from serve.engine.config import EngineConfig
+from serve.engine.engine import Engine
 from serve.model_loading import EMBEDDED_GGUF, embedded_model_dir
 
 

@@ -12,13 +12,16 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
-from serve.engine.engine import Engine, EngineConfig  # noqa: E402
+from serve.engine.config import EngineConfig  # noqa: E402
+from serve.engine.engine import Engine  # noqa: E402
 from serve.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from tests.unit.conftest import tiny_llama  # noqa: E402
 
 
 def main() -> None:
-    model = tiny_llama(4096, layers=4, hidden=256)
+    # Steps of a few ms at least, as a real model's are: a step shorter than the GIL switch interval
+    # (5 ms) can pass while the hub waits for the GIL, which says nothing about starvation.
+    model = tiny_llama(4096, layers=4, hidden=512)
 
     class Tok:  # the engine only needs ids here; text is not inspected
         pad_token_id, eos_token_id, all_special_ids = 2, 2, [2]

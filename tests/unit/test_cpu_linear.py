@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from serve.cpu_linear import PackedLinear, pack_linear_layers
-from serve.engine.engine import Engine, EngineConfig
+from serve.cpu_linear import PackedLinear, can_pack, pack_linear_layers
+from serve.engine.config import EngineConfig
+from serve.engine.engine import Engine
 from serve.engine.request import GenerationRequest, SamplingParams
 from tests.unit.conftest import generate_alone, tiny_llama
 
@@ -17,6 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
 def test_packed_model_gives_the_same_logits(tokenizer, dtype, atol):
+    if not can_pack(dtype):
+        pytest.skip(f"this CPU's oneDNN cannot pack {dtype} (see test_unpackable_dtype_is_left_alone)")
     plain = tiny_llama(len(tokenizer), seed=3).to(dtype)
     plain.config.tie_word_embeddings = True
     plain.tie_weights()
@@ -30,6 +33,17 @@ def test_packed_model_gives_the_same_logits(tokenizer, dtype, atol):
         want, got = plain(ids).logits.float(), packed(ids).logits.float()
     assert torch.allclose(want, got, atol=atol, rtol=1e-2)
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+
+def test_unpackable_dtype_is_left_alone(tokenizer, monkeypatch):
+    """A CPU without bf16 packing support (AVX2-only) keeps bf16 layers plain instead of failing to load."""
+    def refuse(weight):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    model = tiny_llama(len(tokenizer), seed=3).to(torch.bfloat16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    assert pack_linear_layers(model) == 0
+    assert type(model.lm_head) is torch.nn.Linear
 
 
 def test_engine_on_a_packed_model_matches_generate(tokenizer):

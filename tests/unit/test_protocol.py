@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from serve import validation
 from serve.app import dispatch
 from serve.config import ConfigError, Settings
 from serve.handlers import chat, completions, generate
@@ -80,11 +81,11 @@ def test_dispatch_table(mode, body, expected):
 
 def test_error_shapes_and_stream_events():
     err = errors.validation("bad top_k", "top_k")
-    assert err.body(errors.GENERATE) == {"error": "bad top_k", "error_type": "validation"}
-    assert err.body(errors.OPENAI) == {"error": {"message": "bad top_k", "type": "validation", "param": "top_k",
+    assert err.body(errors.Api.GENERATE) == {"error": "bad top_k", "error_type": "validation"}
+    assert err.body(errors.Api.OPENAI) == {"error": {"message": "bad top_k", "type": "validation", "param": "top_k",
                                                  "code": 422}}
-    assert err.sse(errors.GENERATE) == 'data:{"error": "bad top_k", "error_type": "validation"}\n\n'
-    sse = err.sse(errors.OPENAI)
+    assert err.sse(errors.Api.GENERATE) == 'data:{"error": "bad top_k", "error_type": "validation"}\n\n'
+    sse = err.sse(errors.Api.OPENAI)
     assert sse.endswith("data: [DONE]\n\n") and json.loads(sse.split("\n\n")[0][6:])["error"]["param"] == "top_k"
 
 
@@ -92,7 +93,7 @@ def test_generate_schema_is_lenient_where_tgi_annoyed_users():
     req = GenerateRequest.model_validate({"inputs": "x", "parameters": {"temperature": 0, "top_p": 1.0,
                                                                         "stop": "END", "unknown": 1}})
     assert req.parameters.stop == ["END"] and req.parameters.temperature == 0
-    params = generate.sampling_params(req.parameters, 5)
+    params = validation.generate_params(req.parameters, 5)
     assert params.greedy and params.max_new_tokens == 5 and params.stop == ["END"]
     assert GenerateRequest.model_validate({"inputs": "x", "parameters": None}).parameters.details is False
 
@@ -110,16 +111,6 @@ def test_generate_schema_rejects(parameters, words):
     assert words in errors.from_pydantic(info.value).message
 
 
-def test_generate_limits_come_from_settings():
-    req = GenerateRequest.model_validate({"inputs": "x", "parameters": {"stop": ["a", "b", "c"]}})
-    req.check_limits(max_stop=3, max_top_n=5, max_best_of=2)
-    with pytest.raises(errors.ApiError, match="up to 2 stop sequences. Given: 3"):
-        req.check_limits(max_stop=2, max_top_n=5, max_best_of=2)
-    with pytest.raises(errors.ApiError, match="decoder_input_details"):
-        GenerateRequest.model_validate({"inputs": "x", "stream": True, "parameters": {
-            "decoder_input_details": True}}).check_limits(4, 5, 2)
-
-
 def test_openai_schemas():
     req = ChatCompletionRequest.model_validate({
         "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
@@ -127,9 +118,9 @@ def test_openai_schemas():
         "stream_options": {"include_usage": True}, "tool_choice": "none", "response_format": {"type": "text"}})
     assert req.messages[0].text() == "ab" and req.stop == ["x"] and req.token_limit == 7
     assert req.logit_bias == {12: -100} and req.include_usage
-    params = chat.openai_params(req, 7, 1, 0)
+    params = validation.openai_params(req, 7, 1, 0)
     assert params.do_sample and not params.greedy  # OpenAI samples by default (temperature 1)
-    assert chat.openai_params(req.model_copy(update={"temperature": 0}), 7, 1, 0).greedy
+    assert validation.openai_params(req.model_copy(update={"temperature": 0}), 7, 1, 0).greedy
     comp = CompletionRequest.model_validate({"prompt": [1, 2, 3]})
     assert comp.prompts() == [[1, 2, 3]]
     assert CompletionRequest.model_validate({"prompt": ["a", "b"]}).prompts() == ["a", "b"]

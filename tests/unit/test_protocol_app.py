@@ -13,12 +13,12 @@ import time
 
 import pytest
 
+from serve import validation
 from serve.app import create_app
 from serve.config import Settings
-from serve.engine.engine import Engine, EngineConfig
-from serve.handlers import chat as chat_handler
-from serve.handlers import generate as generate_handler
-from serve.handlers.runtime import Runtime
+from serve.engine.config import EngineConfig
+from serve.engine.engine import Engine
+from serve.service import ModelService
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
 GEN = {"inputs": "hello there", "parameters": {"max_new_tokens": 4, "details": True}}
@@ -38,8 +38,8 @@ def client_for(small_engine, tokenizer, **settings):
     deadline = time.monotonic() + 10
     while eng.active_requests and time.monotonic() < deadline:  # cancelled rows leave at the next step
         time.sleep(0.01)
-    rt = Runtime.from_parts(Settings(**settings), eng, cfg, tokenizer, "tiny")
-    return create_app(runtime=rt).test_client()
+    svc = ModelService.from_parts(Settings(**settings), eng, cfg, tokenizer, "tiny")
+    return create_app(service=svc).test_client()
 
 
 def explode(history, row):
@@ -58,14 +58,14 @@ def test_generate_and_chat_answer(small_engine, tokenizer):
 
 def test_generation_failure_is_424_plain_and_in_stream(small_engine, tokenizer, monkeypatch):
     c = client_for(small_engine, tokenizer)
-    original = generate_handler.sampling_params
+    original = validation.generate_params
 
     def failing(p, max_new):
         params = original(p, max_new)
         params.logits_processors.append(explode)
         return params
 
-    monkeypatch.setattr(generate_handler, "sampling_params", failing)
+    monkeypatch.setattr(validation, "generate_params", failing)
     r = c.post("/invocations", json=GEN)
     assert r.status_code == 424 and r.get_json()["error_type"] == "generation"
     assert "boom on purpose" in r.get_json()["error"]
@@ -76,14 +76,14 @@ def test_generation_failure_is_424_plain_and_in_stream(small_engine, tokenizer, 
 
 def test_chat_failure_after_stream_start_ends_with_error_then_done(small_engine, tokenizer, monkeypatch):
     c = client_for(small_engine, tokenizer)
-    original = chat_handler.openai_params
+    original = validation.openai_params
 
     def failing(*args):
         params = original(*args)
         params.logits_processors.append(explode)
         return params
 
-    monkeypatch.setattr(chat_handler, "openai_params", failing)
+    monkeypatch.setattr(validation, "openai_params", failing)
     r = c.post("/invocations", json={**CHAT, "stream": True})
     events = [e for e in r.get_data(as_text=True).split("\n\n") if e]
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
@@ -94,7 +94,7 @@ def test_template_missing_raising_and_overridden(small_engine, tokenizer):
     eng, cfg = small_engine
     bare = copy.copy(tokenizer)
     bare.chat_template = None
-    c = create_app(runtime=Runtime.from_parts(Settings(), eng, cfg, bare, "tiny")).test_client()
+    c = create_app(service=ModelService.from_parts(Settings(), eng, cfg, bare, "tiny")).test_client()
     r = c.post("/invocations", json=CHAT)
     assert r.status_code == 422 and r.get_json()["error"] == {
         "message": "Template error: template not found", "type": "template_error", "param": None, "code": 422}
@@ -107,7 +107,7 @@ def test_template_missing_raising_and_overridden(small_engine, tokenizer):
 
 
 def test_loading_worker_answers_503(tokenizer):
-    c = create_app(runtime=Runtime(Settings())).test_client()
+    c = create_app(service=ModelService(Settings())).test_client()
     r = c.get("/ping")
     assert r.status_code == 503 and r.get_json() == {"error": "unhealthy", "error_type": "healthcheck"}
     r = c.post("/invocations", json=GEN)

@@ -1,0 +1,47 @@
+"""Run as a script (own process, monkey-patched like the gunicorn gevent worker).
+
+A greenlet waits for a slow grammar compile while another greenlet ticks; prints how long the wait
+took and how many ticks happened meanwhile (none would mean the wait froze the hub).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+from serve.engine.grammar import Constraint, GrammarLimits  # noqa: E402
+from serve.engine.grammar_pool import GrammarCompiler  # noqa: E402
+from tests.unit.grammar_helpers import byte_tokenizer  # noqa: E402
+
+SLOW = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(4000)}}  # ~0.5 s to compile on a quiet EPYC core
+
+
+def main() -> None:
+    compiler = GrammarCompiler(byte_tokenizer(), GrammarLimits(compile_timeout=120), workers=1)
+    ticks = 0
+    done = False
+
+    def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            gevent.sleep(0.01)
+
+    tick = gevent.spawn(ticker)
+    gevent.sleep(0)
+    started = time.monotonic()
+    grammar = gevent.spawn(compiler.compile, Constraint.json_schema(SLOW)).get(timeout=120)
+    seconds = time.monotonic() - started
+    done = True
+    tick.join(5)
+    compiler.close()
+    json.dump({"compiled": grammar is not None, "seconds": seconds, "ticks": ticks}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
