@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from serve.engine.engine import Engine, EngineConfig
+from serve.engine.config import EngineConfig
+from serve.engine.engine import Engine
 from serve.engine.request import GenerationRequest, SamplingParams
 from serve.model_loading import load_model, resolve_model
 
