@@ -25,8 +25,18 @@ def has_template(tokenizer: Any, override: str | None = None) -> bool:
     return bool(override or getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], override: str | None = None) -> str:
-    """The prompt text for `messages`, ending with the assistant's generation prompt.
+def template_text(tokenizer: Any, override: str | None = None) -> str | None:
+    """The template source that will render (the override, else the tokenizer's own); None if none."""
+    template = override or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: transformers renders "default"
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]], override: str | None = None,
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text for `messages`, ending with the assistant's generation prompt; `tools` is
+    passed to templates that render tools themselves (serve/structured/tool_prompt.py decides).
 
     Raises `TemplateError` when there is no template or the template raises (many templates
     raise on purpose, e.g. "Conversation roles must alternate").
@@ -34,8 +44,9 @@ def render(tokenizer: Any, messages: list[dict[str, str]], override: str | None 
     if not has_template(tokenizer, override):
         raise TemplateError("template not found")
     try:
+        extra = {"tools": tools} if tools is not None else {}
         text = tokenizer.apply_chat_template(
-            messages, chat_template=override, add_generation_prompt=True, tokenize=False
+            messages, chat_template=override, add_generation_prompt=True, tokenize=False, **extra
         )
     except Exception as exc:  # jinja2 errors, raise_exception() calls in templates, bad roles
         log.debug("chat template failed", exc_info=True)
@@ -45,7 +56,8 @@ def render(tokenizer: Any, messages: list[dict[str, str]], override: str | None 
     return text
 
 
-def encode_messages(tokenizer: Any, messages: list[dict[str, str]], override: str | None = None) -> list[int]:
+def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], override: str | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Render and tokenize without adding special tokens again (the template wrote them)."""
-    text = render(tokenizer, messages, override)
+    text = render(tokenizer, messages, override, tools)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -9,7 +9,10 @@ engine only asserts its own invariants. Each API goes through the same three sta
    server does not support);
 2. prepare: render the chat template, tokenize, truncate (the costly stage, the one to move off
    the gevent hub);
-3. token counts: the prompt's length, the new-token budget, the KV budget; then `SamplingParams`.
+3. token counts: the prompt's length, the new-token budget, the KV budget; then `SamplingParams`;
+4. grammar: a `response_format`, `grammar` or tool constraint is compiled (on the grammar compiler's
+   threads; the handler's greenlet waits cooperatively), so that an invalid, too large or too slow
+   one is a 422 before any byte of the answer is sent.
 
 Every refusal is an `ApiError`, 422 `validation` naming the field (`template_error` for templates).
 """
@@ -17,23 +20,38 @@ Every refusal is an `ApiError`, 422 `validation` naming the field (`template_err
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serve import chat_template
 from serve.config import Settings
+from serve.engine.grammar import Constraint, GrammarError
 from serve.engine.request import GenerationRequest, SamplingParams
 from serve.protocol import errors
 from serve.protocol.generate import GenerateParameters, GenerateRequest
 from serve.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serve.structured import StructuredRequestError
+from serve.structured.constraints import grammar_constraint, response_format_constraint
+from serve.structured.tool_prompt import tool_messages
+from serve.structured.tools import ToolPlan, plan_tools
 
 if TYPE_CHECKING:  # serve.engine.config imports torch; the app must import without it (docs/architecture.md)
     from serve.engine.config import EngineConfig
+    from serve.engine.grammar_pool import GrammarCompiler
 
 
 def invalid(message: str, param: str | None) -> errors.ApiError:
     """A 422 `validation` error in TGI's words ("Input validation error: ...")."""
     return errors.validation(f"Input validation error: {message}", param)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request as the engine runs it, and how it uses tools (None: no tool in play)."""
+
+    request: GenerationRequest
+    tools: ToolPlan | None
 
 
 @dataclass(frozen=True)
@@ -48,9 +66,9 @@ class Validator:
     """Checks requests against one server's limits: its Settings and its engine's EngineConfig."""
 
     def __init__(self, settings: Settings, limits: EngineConfig, tokenizer: Any, model_name: str,
-                 model_vocab: int | None = None):
+                 model_vocab: int | None = None, grammars: GrammarCompiler | None = None):
         self.settings, self.limits, self.tokenizer = settings, limits, tokenizer
-        self.model_name, self.model_vocab = model_name, model_vocab
+        self.model_name, self.model_vocab, self.grammars = model_name, model_vocab, grammars
 
     @functools.cached_property
     def vocab_size(self) -> int:
@@ -63,10 +81,13 @@ class Validator:
         """A generate request as the engine runs it, or a 422."""
         p = req.parameters
         self._generate_fields(req)  # 1. fields
+        constraint = structured(lambda: grammar_constraint(p.grammar))
         ids = self._generate_prompt(req)  # 2. prepare
         max_new = self._new_tokens(ids, "inputs", p.max_new_tokens, "max_new_tokens")  # 3. token counts
         self._kv_budget(len(ids), max_new, p.best_of or 1, "max_new_tokens", "best_of")
-        return GenerationRequest(ids, generate_params(p, max_new))
+        params = generate_params(p, max_new)
+        params.grammar = self._compiled(constraint, "parameters.grammar")  # 4. grammar
+        return GenerationRequest(ids, params)
 
     def _generate_prompt(self, req: GenerateRequest) -> list[int]:
         """Tokenize as TGI does (with the model's special tokens), then keep the last `truncate`."""
@@ -89,8 +110,6 @@ class Validator:
         if req.stream and p.decoder_input_details:
             raise invalid("`decoder_input_details` == true is not supported when streaming tokens",
                           "parameters.decoder_input_details")
-        if p.grammar is not None:
-            raise invalid("`grammar` is not supported by this server yet", "parameters.grammar")
         if p.adapter_id not in (None, "", self.model_name):
             raise invalid(f"adapter `{p.adapter_id}` is not loaded", "parameters.adapter_id")
         if p.truncate is not None and p.truncate > self.limits.max_input_tokens:
@@ -98,31 +117,39 @@ class Validator:
                           f"Given: {p.truncate}", "parameters.truncate")
 
     # -- OpenAI chat completions and completions -----------------------------------------------------
-    def chat(self, req: ChatCompletionRequest) -> GenerationRequest:
+    def chat(self, req: ChatCompletionRequest) -> ChatPrompt:
         """A chat request as the engine runs it, or a 422 (`template_error` when the template fails)."""
         self._openai_fields(req)  # 1. fields
-        ids = self._chat_prompt(req)  # 2. prepare
+        plan = structured(lambda: plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                             req.response_format))
+        constraint = plan.constraint if plan else structured(lambda: response_format_constraint(req.response_format))
+        ids = self._chat_prompt(req, plan)  # 2. prepare
         max_new = self._new_tokens(ids, "messages", req.token_limit, "max_tokens")  # 3. token counts
         self._kv_budget(len(ids), max_new, req.n, "max_tokens", "n")
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
-        return GenerationRequest(ids, openai_params(req, max_new, req.n, top_n))
+        params = openai_params(req, max_new, req.n, top_n)
+        params.grammar = self._compiled(constraint, "tools" if plan else "response_format")  # 4. grammar
+        return ChatPrompt(GenerationRequest(ids, params), plan)
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        """The messages rendered with the chat template, then tokenized."""
+    def _chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> list[int]:
+        """The messages (with the tools offered, if any) rendered with the chat template, then tokenized."""
         for message in req.messages:
             for part in message.content if isinstance(message.content, list) else ():
                 if part.type != "text":
                     raise invalid(f"content parts of type `{part.type}` are not supported by this text-only "
                                   "model; send `text` parts", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        template = chat_template.template_text(self.tokenizer, self.settings.chat_template)
+        messages, tools = tool_messages([m.as_template_message() for m in req.messages], plan, template,
+                                        req.tool_prompt)
         try:
-            return chat_template.encode_messages(self.tokenizer, messages, self.settings.chat_template)
+            return chat_template.encode_messages(self.tokenizer, messages, self.settings.chat_template, tools)
         except chat_template.TemplateError as exc:
             raise errors.template_error(str(exc)) from None
 
     def completions(self, req: CompletionRequest) -> list[CompletionPrompt]:
         """Every prompt of a completions request as the engine runs it, or a 422 for the first bad one."""
         self._openai_fields(req)  # 1. fields
+        constraint = structured(lambda: response_format_constraint(req.response_format))
         n, n_field = (req.best_of, "best_of") if req.best_of else (req.n, "n")
         out = []
         for prompt in req.prompts():
@@ -133,6 +160,9 @@ class Validator:
             out.append(CompletionPrompt(GenerationRequest(ids, params), text))
         for done in out:  # every prompt's own limits first, then the KV budget, as the engine did
             self._kv_budget(len(done.request.prompt_ids), done.request.params.max_new_tokens, n, "max_tokens", n_field)
+        grammar = self._compiled(constraint, "response_format")  # 4. grammar (once: the prompts share it)
+        for done in out:
+            done.request.params.grammar = grammar
         return out
 
     def _openai_fields(self, req: SamplingFields) -> None:
@@ -155,6 +185,19 @@ class Validator:
         return list(prompt), self.tokenizer.decode(prompt)
 
     # -- what every API shares -----------------------------------------------------------------------
+    def _compiled(self, constraint: Constraint | None, param: str) -> Constraint | None:
+        """`constraint`, once it is known to compile (the engine then finds it in the compiler's cache)."""
+        if constraint is None:
+            return None
+        if self.grammars is None:
+            raise invalid("structured output (`response_format`, `grammar`, `tools`) is not available: "
+                          "this model's tokenizer cannot drive a grammar", param)
+        try:
+            self.grammars.submit(constraint).wait()
+        except GrammarError as exc:
+            raise invalid(exc.message, param) from None
+        return constraint
+
     def _stop_count(self, stop: list[str], param: str) -> None:
         limit = self.settings.max_stop_sequences
         if len(stop) > limit:
@@ -181,6 +224,14 @@ class Validator:
         reason = self.limits.unfit_reason(prompt_tokens, max_new, n)  # the engine's own block accounting
         if reason is not None:
             raise invalid(f"{reason}; lower `{limit_field}` or `{n_field}`", limit_field)
+
+
+def structured(build: Callable[[], Any]) -> Any:
+    """`build()`, with serve/structured's refusals turned into 422s naming their field."""
+    try:
+        return build()
+    except StructuredRequestError as exc:
+        raise invalid(exc.message, exc.field) from None
 
 
 # -- SamplingParams: request value, else the neutral default (which switches the step off) ----------

@@ -68,7 +68,7 @@ def serving(svc: ModelService) -> tuple[Engine, EngineConfig]:
 def validator(svc: ModelService) -> Validator:
     """The validation boundary for this worker's settings, engine limits and tokenizer."""
     engine, limits = serving(svc)
-    return Validator(svc.settings, limits, svc.tokenizer, svc.model_name, engine.vocab_size)
+    return Validator(svc.settings, limits, svc.tokenizer, svc.model_name, engine.vocab_size, svc.grammars)
 
 
 def submit(svc: ModelService, request: GenerationRequest) -> Any:

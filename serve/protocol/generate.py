@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from serve.protocol.fields import StopSequences, WireModel, omitted_when_none
+from serve.protocol.structured import GrammarParam
 
 
 class GenerateParameters(BaseModel):
@@ -34,7 +35,7 @@ class GenerateParameters(BaseModel):
     details: bool = False
     do_sample: bool = False
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    grammar: Any | None = None
+    grammar: GrammarParam | None = None
     max_new_tokens: int | None = Field(default=None, gt=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     return_full_text: bool | None = None

@@ -1,7 +1,7 @@
 """OpenAI chat completions and legacy completions: the requests and the answers (docs/api.md).
 
 Lenient like OpenAI's own server: unknown fields are ignored (and logged at debug level by the
-handler). `tools`, `tool_choice` and JSON `response_format` modes are refused with a 422 that says so.
+handler). Structured output and tool fields come from `serve/protocol/structured.py`.
 The limits that come from the server's configuration are checked by `serve/validation.py`.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from serve.protocol.fields import StopSequences, WireModel, omitted_when_none
+from serve.protocol.structured import ResponseFormat, StructuredFields, ToolCall
 
 
 class ContentPart(BaseModel):
@@ -23,8 +24,29 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    """`tool_calls[].function` of an assistant message in the history; `arguments` is a JSON string
+    (OpenAI's form) or, as some clients send it, an object."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class HistoryToolCall(BaseModel):
+    """One call an assistant message of the history made."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = ""
+    type: str = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    """A message; `content` is a string or a list of parts (joined with no separator)."""
+    """A message; `content` is a string or a list of parts (joined with no separator). An assistant
+    message may carry the `tool_calls` it made; a `tool` message answers one by `tool_call_id`."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -32,6 +54,18 @@ class ChatMessage(BaseModel):
     content: StrictStr | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[HistoryToolCall] | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The plain dict a chat template (and serve/structured/tool_prompt.py) reads."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
     def text(self) -> str:
         """The message's text: the string, or the `text` parts joined with no separator."""
@@ -81,29 +115,19 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(SamplingFields):
-    """POST body of chat completions."""
+class ChatCompletionRequest(StructuredFields, SamplingFields):
+    """POST body of chat completions; `response_format` and the tool fields come from StructuredFields."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` requires `logprobs` to be true")
-        if self.tools:
-            raise ValueError("`tools` are not supported by this server yet")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("`tool_choice` is not supported by this server yet")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ValueError(f"`response_format` type `{kind}` is not supported yet; only `text` is")
         return self
 
     @property
@@ -121,6 +145,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1, le=16)
+    response_format: ResponseFormat | None = None  # as on chat (vLLM accepts it here too)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> CompletionRequest:
@@ -179,8 +204,11 @@ class ChatLogprobs(WireModel):
 
 
 class AssistantMessage(WireModel):
+    """`content` is null when the answer is `tool_calls` (OpenAI's shape); `tool_calls` is left out otherwise."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = omitted_when_none()
 
 
 class ChatChoice(WireModel):
@@ -210,6 +238,9 @@ class Delta(WireModel):
 
     role: str | None = omitted_when_none()
     content: str | None = omitted_when_none()
+    # OpenAI's streamed calls as serve/structured/tool_parser.py writes them: the first element of a
+    # call holds `index`, `id`, `type` and the name with `"arguments": ""`, the next ones fragments.
+    tool_calls: list[dict[str, Any]] | None = omitted_when_none()
 
 
 class ChunkChoice(WireModel):

@@ -147,7 +147,8 @@ def test_stream_equals_non_stream_and_last_event_has_details(auto_server):
         ({"best_of": 3, "do_sample": True}, "best_of"),
         ({"best_of": 2}, "sampling"),
         ({"max_new_tokens": 5000}, "must be <= 1024"),
-        ({"grammar": {"type": "json", "value": {}}}, "grammar"),
+        ({"grammar": {"type": "json", "value": {"type": "nope"}}}, "grammar"),
+        ({"grammar": {"type": "regex", "value": "(unclosed"}}, "grammar"),
     ],
 )
 def test_validation_errors(auto_server, params, words):

@@ -56,7 +56,7 @@ def run(body: dict, v: Validator | None = None):
     if "inputs" in body:
         return api, v.generate(common.parse(GenerateRequest, body))
     if "messages" in body:
-        return api, v.chat(openai.parse(ChatCompletionRequest, body))
+        return api, v.chat(openai.parse(ChatCompletionRequest, body)).request
     return api, v.completions(openai.parse(CompletionRequest, body))
 
 
@@ -75,7 +75,21 @@ REFUSALS = [  # (body, status, error type, message, param)
     ({"inputs": "x", "stream": True, "parameters": {"decoder_input_details": True}}, 422, "validation",
      "`decoder_input_details` == true is not supported when streaming tokens", "parameters.decoder_input_details"),
     ({"inputs": "x", "parameters": {"grammar": {"type": "json"}}}, 422, "validation",
-     "`grammar` is not supported by this server yet", "parameters.grammar"),
+     "`parameters.grammar.value` must hold a JSON Schema for type `json`", "parameters.grammar.value"),
+    ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}, 422, "validation",
+     "structured output (`response_format`, `grammar`, `tools`) is not available: this model's tokenizer cannot "
+     "drive a grammar", "parameters.grammar"),
+    ({**CHAT, "response_format": {"type": "yaml"}}, 422, "validation",
+     "`response_format.type` must be one of text, json_object, json_schema, json, regex; got `yaml`",
+     "response_format.type"),
+    ({**CHAT, "tool_choice": "required"}, 422, "validation", "`tool_choice` needs `tools`", "tool_choice"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
+     422, "validation", "`tools` and `response_format` cannot be used together; send one of them",
+     "response_format"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "g"}, 422, "validation",
+     "`tool_choice` names `g`, which is not in `tools` (f)", "tool_choice"),
+    ({"prompt": "x", "response_format": {"type": "regex"}}, 422, "validation",
+     "`response_format.value` must be a non-empty regular expression string", "response_format.value"),
     ({"inputs": "x", "parameters": {"adapter_id": "other"}}, 422, "validation",
      "adapter `other` is not loaded", "parameters.adapter_id"),
     ({"inputs": "x", "parameters": {"truncate": 21}}, 422, "validation",
