@@ -47,10 +47,10 @@ def parse(kind: str, output: str):
 
 def test_readme_has_the_examples():
     kinds = [kind for _, kind, _ in api_examples()]
-    assert len(kinds) >= 3 and "text" in kinds  # chat, generate, a stream
+    assert len(kinds) >= 5 and "text" in kinds  # chat, generate, a stream, structured output, a tool call
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(len(api_examples())))
 def test_readme_example_prints_what_the_readme_shows(auto_server, index):
     cmd, kind, shown = api_examples()[index]
     run = subprocess.run(["bash", "-c", cmd.replace("http://localhost:8080", auto_server.url)],
