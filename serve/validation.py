@@ -195,7 +195,7 @@ class Validator:
         try:
             self.grammars.submit(constraint).wait()
         except GrammarError as exc:
-            raise invalid(exc.message, param) from None
+            raise invalid(f"`{param}` is not valid: {exc.message}", param) from None  # TGI: "grammar is not valid"
         return constraint
 
     def _stop_count(self, stop: list[str], param: str) -> None:
