@@ -3,7 +3,7 @@
 Every limit a client can run into, and the message it then reads, lives here, in the words TGI's
 and OpenAI's clients know (TGI's `router/src/validation.rs` plays the same part). Before it, the
 pydantic schemas of `serve/protocol/` have checked each field's type and range; after it, the
-engine only asserts its own invariants. Each API goes through the same three stages:
+engine only asserts its own invariants. Each API goes through the same four stages:
 
 1. fields: cheap checks with no tokenizer (how many stop strings, which combinations, what this
    server does not support);
