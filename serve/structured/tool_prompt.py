@@ -16,6 +16,7 @@ Messages are the wire's dicts (`role`, `content` as text or None, `tool_calls`, 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -29,8 +30,11 @@ from serve.structured.tools import CLOSE_TAG, OPEN_TAG, ToolMode, ToolPlan, para
 Message = dict[str, Any]
 
 
+@functools.lru_cache(maxsize=8)
 def template_declares_tools(template: str | None) -> bool:
-    """True when the chat template reads a `tools` variable (then it renders tools itself)."""
+    """True when the chat template reads a `tools` variable (then it renders tools itself).
+
+    Cached: every chat request asks, and a server has one template (parsing it costs ~1 ms of hub time)."""
     if not template:
         return False
     try:
