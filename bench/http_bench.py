@@ -6,6 +6,12 @@ every request; the aggregate throughput is all completion tokens over the wall t
 Targets run one at a time, on the same model and dtype, on 127.0.0.1 only:
 
     python -m bench.http_bench --targets ours transformers-cb transformers --concurrency 1 4 16 32
+
+`ours-json` is our server with every request constrained by `response_format` (a JSON schema
+whose shortest answer is longer than `--max-tokens`, so constrained streams run their full length
+as free ones do): `--targets ours ours-json --concurrency 16 --repeat 6` compares structured output
+with free text over HTTP on one server, the two levels back to back in every round, and prints the
+median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -149,6 +155,21 @@ def ours(dtype: str) -> Iterator[Target]:
         yield Target("ours", srv.invocations)
 
 
+# At least 40 notes: longer than any `--max-tokens` the bench uses, so no constrained stream ends early.
+NOTES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "notes": {"type": "array", "minItems": 40, "items": {
+            "type": "object", "properties": {"n": {"type": "integer"}, "text": {"type": "string", "maxLength": 30}},
+            "required": ["n", "text"], "additionalProperties": False}},
+    },
+    "required": ["title", "notes"],
+    "additionalProperties": False,
+}
+STRUCTURED = {"response_format": {"type": "json_schema", "json_schema": {"name": "notes", "schema": NOTES_SCHEMA}}}
+
+
 @contextlib.contextmanager
 def transformers_serve(dtype: str, continuous_batching: bool) -> Iterator[Target]:
     """`transformers serve` on the same GGUF, with or without its continuous batching."""
@@ -181,6 +202,16 @@ def transformers_serve(dtype: str, continuous_batching: bool) -> Iterator[Target
             proc.kill()
 
 
+def structured_ratios(runs: dict) -> dict[int, list[float]]:
+    """{C: [ours-json tok/s / ours tok/s, one per round]}: each pair ran back to back on one server,
+    so a slow spell of the shared machine hits both alike and the median of the ratios is robust."""
+    out: dict[int, list[float]] = {}
+    for c, rows in runs.get("ours-json", {}).items():
+        free = runs.get("ours", {}).get(c, [])
+        out[c] = [j["tokens_per_s"] / f["tokens_per_s"] for j, f in zip(rows, free, strict=False)]
+    return {c: pairs for c, pairs in out.items() if pairs}
+
+
 def start(name: str, dtype: str):
     if name == "ours":
         return ours(dtype)
@@ -202,25 +233,36 @@ def main() -> None:
     args = ap.parse_args()
     results: dict = {}
     runs: dict = {}
+    servers = [n for n in args.targets if n != "ours-json"]
+    if "ours-json" in args.targets and "ours" not in servers:
+        servers.insert(0, "ours")
     for r in range(args.repeat):  # whole rounds, targets alternating, so slow spells hit both alike
-        for name in args.targets:
+        for name in servers:
             with start(name, args.dtype) as target:
                 stream_chat(target, "Warm up.", 8, args.timeout)
+                variants = [target]
+                if name == "ours" and "ours-json" in args.targets:  # same server, level by level
+                    variants = [Target("ours-json", target.url, STRUCTURED)] + (
+                        [target] if "ours" in args.targets else [])
                 used = 0
                 for c in args.concurrency:
-                    row = run_level(target, c, args.rounds, args.max_tokens, args.timeout, used)
-                    used += c * args.rounds
-                    runs.setdefault(name, {}).setdefault(c, []).append(row)
-                    best = results.setdefault(name, {}).get(c)
-                    if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
-                        results[name][c] = row
-                    print(f"{name} round {r + 1} C={c}: {json.dumps(row)}", flush=True)
+                    for variant in variants:
+                        row = run_level(variant, c, args.rounds, args.max_tokens, args.timeout, used)
+                        used += c * args.rounds
+                        runs.setdefault(variant.name, {}).setdefault(c, []).append(row)
+                        best = results.setdefault(variant.name, {}).get(c)
+                        if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
+                            results[variant.name][c] = row
+                        print(f"{variant.name} round {r + 1} C={c}: {json.dumps(row)}", flush=True)
     print(f"\n| target ({args.dtype}) | C | tok/s | TTFT p50 / p95 ms | TPOT p50 / p95 ms | errors |")
     print("|---|---|---|---|---|---|")
     for name, levels in results.items():
         for c, r in levels.items():
             print(f"| {name} | {c} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} | "
                   f"{r['tpot_p50_ms']:.0f} / {r['tpot_p95_ms']:.0f} | {r['error_count']} |")
+    for c, pairs in structured_ratios(runs).items():
+        print(f"ours-json / ours at C={c}: median of {len(pairs)} same-round ratios {statistics.median(pairs):.2f} "
+              f"({', '.join(f'{x:.2f}' for x in pairs)})")
     if args.out:
         Path(args.out).write_text(json.dumps({"best": results, "runs": runs}, indent=2))
 

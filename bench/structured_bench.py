@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bench.engine_bench import on_own_thread, prompts
+from bench.http_bench import NOTES_SCHEMA as NOTES
 from serve.config import Settings
 from serve.engine.config import EngineConfig
 from serve.engine.engine import Engine
@@ -36,18 +37,6 @@ from serve.engine.sampling import SamplingState
 from serve.engine.sequence import SequenceState
 from serve.model_loading import load_model, resolve_model
 from serve.service import build_grammar_compiler
-
-NOTES = {
-    "type": "object",
-    "properties": {
-        "title": {"type": "string", "maxLength": 40},
-        "notes": {"type": "array", "minItems": 40, "items": {
-            "type": "object", "properties": {"n": {"type": "integer"}, "text": {"type": "string", "maxLength": 30}},
-            "required": ["n", "text"], "additionalProperties": False}},
-    },
-    "required": ["title", "notes"],
-    "additionalProperties": False,
-}
 
 
 class Stopwatch:
