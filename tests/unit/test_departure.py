@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from serve import validation
-from serve.app import Invocations
+from serve.app import Invocations, create_app
 from serve.config import Settings
 from serve.engine.config import EngineConfig
 from serve.engine.engine import Engine
@@ -84,6 +84,22 @@ def test_nothing_is_submitted_for_a_client_already_gone(svc):
     with client.attached(), pytest.raises(ApiError) as err:
         generate.handle(svc, GEN)
     assert err.value.status == 499 and svc.engine.active_requests == 0
+
+
+def test_one_failed_prompt_cancels_the_other_prompts_of_a_completion(svc, monkeypatch):
+    seen = []
+
+    def explode(history, row):  # the first prompt fails after a few tokens
+        seen.append(1)
+        if len(seen) > 3:
+            raise RuntimeError("boom on purpose")
+        return row
+
+    slowed(monkeypatch, "openai_params", first=explode)
+    body = {"prompt": ["first prompt", "second prompt", "third prompt"], "max_tokens": 200, "logit_bias": {"2": -100}}
+    r = create_app(service=svc).test_client().post("/invocations", json=body)
+    assert r.status_code == 424 and "boom on purpose" in r.get_json()["error"]["message"]
+    assert engine_empty_within(svc, 2.0), f"{svc.engine.active_requests} prompts still generating"
 
 
 def test_a_jsonlines_batch_stops_when_its_client_leaves(svc, monkeypatch):
