@@ -4,9 +4,11 @@ A streamed answer notices its client leaving when a write fails (gunicorn closes
 `Reply.on_close` cancels). A plain answer writes nothing until the end, and a queued stream writes
 nothing until its first token, so neither would notice: each HTTP request gets a `Client` whose
 watcher greenlet waits for the client's socket to turn readable. The body has been read whole by
-then, so a readable socket that peeks no byte (or fails) means the peer closed it; the watcher then
-cancels every engine request submitted for that client (`common.submit` tracks them through
-`track`), and the engine drops them at its next step, queued or running.
+then, so readable means closed by the peer (poll's POLLRDHUP on Linux, even behind the bytes of a
+pipelined request; elsewhere, a peek that reads no byte) or a pipelined request (looked at again
+every PIPELINED_POLL s). The watcher then cancels every engine request submitted for that client
+(`common.submit` tracks them through `track`), and the engine drops them at its next step, queued
+or running.
 
 Without gevent or without gunicorn's socket (Flask's test client, tools), nothing is watched; the
 tracking still works, so `Client.leave()` can be called by hand.
