@@ -163,3 +163,5 @@ def _closed_by_peek(sock: Any, fd: int) -> bool | None:
         return False  # a spurious wakeup: nothing to read after all
     except OSError as exc:
         return None if exc.errno in (errno.EBADF, errno.ENOTSOCK) else True  # closed here, or reset there
+    except ValueError:  # a TLS socket takes no recv flags: it cannot be watched this way
+        return None
