@@ -16,7 +16,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from serve.config import Settings
-from serve.handlers import chat, common, completions, generate
+from serve.handlers import chat, common, completions, departure, generate
 from serve.protocol import errors
 from serve.protocol.errors import Api, ApiError, HealthcheckError
 from serve.protocol.fields import WireModel, dumps
@@ -141,15 +141,24 @@ class Invocations:
             return api, err
 
     def jsonlines(self, text: str) -> Response:
-        """Batch transform: one answer line per input line, in order; a bad line fails alone."""
+        """Batch transform: one answer line per input line, in order; a bad line fails alone.
+
+        At most JSONLINES_CONCURRENCY lines run at once (the rest of MAX_CONCURRENT_REQUESTS stays
+        for real-time traffic); when the client hangs up, lines not yet started are skipped and the
+        running ones are cancelled (departure.py).
+        """
         lines = [line for line in text.splitlines() if line.strip()]
+        client = departure.current() or departure.Client()
 
         def one(line: str) -> str:
+            if client.gone:
+                return departure.client_gone().model(self.default).dumps()
             try:
                 body = _loads(line)
             except ApiError as err:
                 return err.model(self.default).dumps()
-            api, reply = self.answer(body, allow_stream=False)
+            with client.attached():  # a pool greenlet starts with an empty context
+                api, reply = self.answer(body, allow_stream=False)
             return reply.model(api).dumps() if isinstance(reply, ApiError) else dumps(reply.body)
 
         if "gevent" in sys.modules:
@@ -157,7 +166,7 @@ class Invocations:
             from gevent.pool import Pool
 
             if monkey.is_module_patched("threading"):  # run the lines concurrently so they batch
-                pool = Pool(self.svc.settings.max_concurrent_requests)
+                pool = Pool(self.svc.settings.jsonlines_concurrency)
                 return Response("".join(r + "\n" for r in pool.imap(one, lines)), mimetype="application/jsonlines")
         return Response("".join(one(line) + "\n" for line in lines), mimetype="application/jsonlines")
 
@@ -185,13 +194,17 @@ def _register_routes(app: Flask, svc: ModelService, default: Api) -> None:
     @app.route("/invocations", methods=["POST"])
     def invocations() -> Response:
         svc.inflight += 1
+        client = departure.Client.of(request.environ)  # watched until the response is closed
         try:
-            response = invocations_()
+            with client.attached():
+                response = invocations_()
         except BaseException:
+            client.close()
             svc.inflight -= 1
             raise
 
         def done() -> None:
+            client.close()
             svc.inflight -= 1
 
         response.call_on_close(done)  # streams count until their last byte is written

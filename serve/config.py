@@ -92,6 +92,9 @@ class Settings:
     prefix_cache_tokens: int | None = None  # None: min(8192, 1/8 of the KV budget); 0: off
     max_batch_size: int | None = None  # rows decoded together; None: 256
     max_concurrent_requests: int = 128
+    # Lines of one application/jsonlines batch in the engine at once; None: a quarter of
+    # max_concurrent_requests (at least 1), so a batch never crowds out real-time traffic.
+    jsonlines_concurrency_limit: int | None = None
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_best_of: int = 2
@@ -130,6 +133,7 @@ class Settings:
             prefix_cache_tokens=_int(env, "PREFIX_CACHE_TOKENS", None, minimum=0),
             max_batch_size=_int(env, "MAX_BATCH_SIZE", None),
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128),
+            jsonlines_concurrency_limit=_int(env, "JSONLINES_CONCURRENCY", None),
             max_stop_sequences=_int(env, "MAX_STOP_SEQUENCES", 4, minimum=0),
             max_top_n_tokens=_int(env, "MAX_TOP_N_TOKENS", 5, minimum=0),
             max_best_of=_int(env, "MAX_BEST_OF", 2),
@@ -143,6 +147,13 @@ class Settings:
             grammar_compile_timeout=_int(env, "GRAMMAR_COMPILE_TIMEOUT", 5),
             grammar_cache_size=_int(env, "GRAMMAR_CACHE_SIZE", 64),
         )
+
+    @property
+    def jsonlines_concurrency(self) -> int:
+        """How many lines of one JSON-lines batch run at once (JSONLINES_CONCURRENCY)."""
+        if self.jsonlines_concurrency_limit is not None:
+            return self.jsonlines_concurrency_limit
+        return max(1, self.max_concurrent_requests // 4)
 
     @property
     def mode(self) -> str:

@@ -280,7 +280,7 @@ class Engine:
         outstanding = self._batch.outstanding if self._batch is not None else 0
         free_tokens = (self.pool.free_blocks - outstanding) * self.config.block_size
         with self._lock:
-            admitted = self.scheduler.admit(self._waiting, free_tokens, self.batch_size)
+            admitted = self.scheduler.admit(self._waiting, free_tokens, self.batch_size, self._cancelled)
         if admitted:
             self._prefill(admitted)
         if self._rows:

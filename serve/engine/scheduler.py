@@ -11,6 +11,7 @@ fit an idle engine is refused at submission.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container
 
 from serve.engine.config import EngineConfig
 from serve.engine.request import RequestState
@@ -22,11 +23,14 @@ class Scheduler:
     def __init__(self, config: EngineConfig):
         self.config = config
 
-    def admit(self, waiting: deque[RequestState], free_tokens: int, running_rows: int) -> list[RequestState]:
+    def admit(self, waiting: deque[RequestState], free_tokens: int, running_rows: int,
+              cancelled: Container[str] = ()) -> list[RequestState]:
         """Pop from `waiting` the requests to prefill now.
 
         `free_tokens`: pool tokens that are free and not set aside for the running rows.
         A prefill is padded to its longest prompt, so its cost is rows x longest.
+        `cancelled`: ids cancelled since the step began (their clients left); they are popped and
+        never prefilled (the engine ends them at its next step).
         """
         cfg = self.config
         admitted: list[RequestState] = []
@@ -34,6 +38,9 @@ class Scheduler:
         rows = running_rows
         while waiting:
             req = waiting[0]
+            if req.request.request_id in cancelled or not req.active:
+                waiting.popleft()
+                continue
             need = cfg.kv_tokens_needed(req.prompt_len, req.params.max_new_tokens, req.n)
             new_width = max(width, req.prompt_len)
             if admitted and new_width * (len(admitted) + 1) > cfg.max_batch_prefill_tokens:

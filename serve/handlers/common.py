@@ -23,6 +23,7 @@ from serve.engine.request import (
     PrefillEvent,
     TokenInfo,
 )
+from serve.handlers import departure
 from serve.protocol import errors
 from serve.protocol.fields import WireModel
 from serve.service import ModelService
@@ -72,14 +73,22 @@ def validator(svc: ModelService) -> Validator:
 
 
 def submit(svc: ModelService, request: GenerationRequest) -> Any:
-    """engine.submit with its refusals turned into 429 `overloaded` and 503 `unhealthy`."""
+    """engine.submit with its refusals turned into 429 `overloaded` and 503 `unhealthy`.
+
+    The handle is tied to the current client (departure.py): cancelled if it hangs up; nothing is
+    submitted for a client already gone.
+    """
     engine, limits = serving(svc)
+    if departure.gone():
+        raise departure.client_gone()
     try:
-        return engine.submit(request)
+        handle = engine.submit(request)
     except EngineOverloaded:
         raise errors.overloaded(limits.max_concurrent_requests) from None
     except EngineUnavailable as exc:
         raise errors.unhealthy(str(exc) or "the engine is not accepting requests (shutting down)") from None
+    departure.track(handle)
+    return handle
 
 
 @dataclass
@@ -116,7 +125,10 @@ def collect(handle: Iterable[Any], n: int) -> Collected:
         tokens[ev.seq_index].append(ev.token)
         tops[ev.seq_index].append(ev.top_tokens or [])
         finishes[ev.seq_index] = ev.finish or finishes[ev.seq_index]
-    if any(f is None for f in finishes):  # the engine closed the handle early: a bug, said plainly
+    if any(f is None for f in finishes):
+        if departure.gone():  # cancelled because its client hung up: nobody reads this answer
+            raise departure.client_gone()
+        # the engine closed the handle early: a bug, said plainly
         raise errors.generation("the engine ended the request before every sequence finished")
     return Collected(prefill, [SequenceResult(t, top, f) for t, top, f in zip(tokens, tops, finishes) if f])
 

@@ -37,7 +37,11 @@ def handle(svc: ModelService, body: Any) -> common.Reply:
     head = openai.head(svc, "cmpl", req.model)
     if req.stream:
         return common.Reply(stream=_stream(submitted, req, head), on_close=lambda: _cancel(submitted))
-    return _answer(submitted, req, head)
+    try:
+        return _answer(submitted, req, head)
+    except BaseException:  # one prompt failed (or its client left): the others stop too, nobody reads them
+        _cancel(submitted)
+        raise
 
 
 def _cancel(submitted: list[Submitted]) -> None:

@@ -204,3 +204,12 @@ def test_the_prefix_cache_never_holds_more_than_its_bound():
         cache.insert(ids, copy_of(len(ids)))
         assert cache.tokens <= 200 and cache.nbytes == cache.tokens * 32
     assert 0 < cache.peak_nbytes <= 200 * 32
+
+
+def test_cancelled_requests_are_popped_not_prefilled():
+    """A request cancelled after the step applied its cancellations (its client left meanwhile) is
+    skipped at admission, never prefilled; the engine ends it at its next step."""
+    gone, stays = req(10, 10), req(10, 10)
+    waiting = collections.deque([gone, stays])
+    admitted = Scheduler(cfg()).admit(waiting, 4096, 0, cancelled={gone.request.request_id})
+    assert admitted == [stays] and not waiting
