@@ -117,7 +117,9 @@ def _loads(text: str) -> Any:
         raise errors.bad_request(f"The body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
         raise errors.bad_request("The body is not valid JSON: an integer has too many digits") from None
-    _check_decoded(body, surrogates=_SURROGATE_ESCAPE.search(text) is not None)
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if surrogates or text.count("[") + text.count("{") >= MAX_JSON_DEPTH:  # else it cannot nest that deep
+        _check_decoded(body, surrogates)
     return body
 
 
