@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 # wins, as it does everywhere else), otherwise on PORT.
 PORT ?= 8080
 
-.PHONY: setup setup-server serve test lint typecheck bench gpu-image-check clean
+.PHONY: setup setup-server serve test lint typecheck bench fuzz gpu-image-check clean
 
 setup: setup-server $(SDK3_VENV)/.setup-done $(SDK2_VENV)/.setup-done
 
@@ -64,6 +64,14 @@ typecheck: setup-server
 
 bench: setup-server
 	$(PY) -m bench.engine_bench
+
+# A longer fuzz of the real server than the suite's (tests/fuzz: FUZZ_EXAMPLES generated bodies per API,
+# plus the hand-written nasties), with a fresh seed unless FUZZ_SEED is given; prints the bodies sent
+# and the status histogram of each API, and the seed to replay a failure with.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup-server
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED="$${FUZZ_SEED:-$$RANDOM$$RANDOM}" FUZZ_TIMEOUT=7200 \
+	  $(PY) -m pytest -p no:cacheprovider -s -q tests/fuzz
 
 # Opt-in, not part of `make test`: builds the default (CUDA) image, several GB from PyPI, and checks
 # that it starts and serves here, on the CPU, saying so in its log.

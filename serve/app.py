@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -79,11 +81,65 @@ def _read_at_most(stream: IO[bytes], size: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_JSON_DEPTH = 128  # serde_json's recursion limit: TGI refuses deeper bodies too
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # `\ud800`..`\udfff`: the only way JSON text holds one
+
+
+class _NotJson(ValueError):
+    """A number or constant that parses in Python but is not JSON (RFC 8259): NaN, Infinity, 1e400."""
+
+
+def _constant(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"the number {text[:32]} is out of range")
+    return value
+
+
 def _loads(text: str) -> Any:
+    """Decode one JSON body; 400 for what a strict JSON decoder (TGI's serde_json) refuses.
+
+    Python's decoder accepts NaN, Infinity and numbers past the float range, and it hands back lone
+    surrogates (`"\\ud800"`) that no tokenizer or UTF-8 encoder can take; it raises RecursionError on
+    deep nesting and ValueError on integers past 4300 digits. All of these are the client's error.
+    """
     try:
-        return json.loads(text)
+        body = json.loads(text, parse_constant=_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         raise errors.bad_request(f"The body is not valid JSON: {exc}") from None
+    except _NotJson as exc:
+        raise errors.bad_request(f"The body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise errors.bad_request(f"The body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
+        raise errors.bad_request("The body is not valid JSON: an integer has too many digits") from None
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if surrogates or text.count("[") + text.count("{") >= MAX_JSON_DEPTH:  # else it cannot nest that deep
+        _check_decoded(body, surrogates)
+    return body
+
+
+def _check_decoded(body: Any, surrogates: bool) -> None:
+    """400 when `body` nests deeper than MAX_JSON_DEPTH, or (`surrogates`) holds a lone surrogate."""
+    stack: list[tuple[Any, int]] = [(body, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise errors.bad_request(f"The body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+            items = [*value, *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items if surrogates or isinstance(item, dict | list))
+        elif surrogates and isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise errors.bad_request(
+                    "The body is not valid JSON text: a string holds a lone surrogate escape (\\ud800-\\udfff "
+                    "not in a high-low pair), which is not Unicode text") from None
 
 
 def _json(body: WireModel | Sequence[WireModel], status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -99,6 +99,9 @@ class Settings:
     max_top_n_tokens: int = 5
     max_best_of: int = 2
     max_logit_bias: int = 300  # OpenAI's own cap on `logit_bias` entries
+    max_stop_length: int = 256  # characters of one stop string (the stream's holdback is this long)
+    max_prompts: int = 64  # entries of a legacy completions `prompt` list (each is tokenized and submitted)
+    max_messages: int = 1024  # chat `messages` (each is rendered by the template and tokenized)
     payload_limit: int = 6 * 1024 * 1024
     chat_template: str | None = None
     log_level: str = "info"
@@ -138,6 +141,9 @@ class Settings:
             max_top_n_tokens=_int(env, "MAX_TOP_N_TOKENS", 5, minimum=0),
             max_best_of=_int(env, "MAX_BEST_OF", 2),
             max_logit_bias=_int(env, "MAX_LOGIT_BIAS", 300, minimum=0),
+            max_stop_length=_int(env, "MAX_STOP_LENGTH", 256),
+            max_prompts=_int(env, "MAX_PROMPTS", 64),
+            max_messages=_int(env, "MAX_MESSAGES", 1024),
             payload_limit=_int(env, "PAYLOAD_LIMIT", 6 * 1024 * 1024),
             chat_template=_chat_template(env),
             log_level=(_str(env, "LOG_LEVEL", "info") or "info").lower(),

@@ -99,7 +99,7 @@ class Validator:
         p, s = req.parameters, self.settings
         if not req.inputs:
             raise invalid("`inputs` cannot be empty", "inputs")
-        self._stop_count(p.stop, "parameters.stop")
+        self._stops(p.stop, "parameters.stop")
         if (p.top_n_tokens or 0) > s.max_top_n_tokens:
             raise invalid(f"`top_n_tokens` must be >= 0 and <= {s.max_top_n_tokens}. Given: {p.top_n_tokens}",
                           "parameters.top_n_tokens")
@@ -166,7 +166,26 @@ class Validator:
         return out
 
     def _openai_fields(self, req: SamplingFields) -> None:
-        self._stop_count(req.stop, "stop")
+        s = self.settings
+        self._stops(req.stop, "stop")
+        if isinstance(req, ChatCompletionRequest):
+            if len(req.messages) > s.max_messages:
+                raise invalid(f"`messages` supports up to {s.max_messages} messages. Given: {len(req.messages)}",
+                              "messages")
+            top, top_field = (req.top_logprobs or 0) if req.logprobs else 0, "top_logprobs"
+        else:
+            assert isinstance(req, CompletionRequest)
+            count = len(req.prompts())
+            if count > s.max_prompts:
+                raise invalid(f"`prompt` supports up to {s.max_prompts} prompts in one request. Given: {count}",
+                              "prompt")
+            top, top_field = req.logprobs or 0, "logprobs"
+            if (req.best_of or 1) > s.max_best_of:  # best_of >= n (the schema checked it)
+                raise invalid(f"`best_of` must be > 0 and <= {s.max_best_of}. Given: {req.best_of}", "best_of")
+        if req.n > s.max_best_of:  # n sequences cost what TGI's best_of does: one row each
+            raise invalid(f"`n` must be > 0 and <= {s.max_best_of}. Given: {req.n}", "n")
+        if top > s.max_top_n_tokens:
+            raise invalid(f"`{top_field}` must be >= 0 and <= {s.max_top_n_tokens}. Given: {top}", top_field)
         bias = req.logit_bias or {}
         if len(bias) > self.settings.max_logit_bias:
             raise invalid(f"`logit_bias` supports up to {self.settings.max_logit_bias} entries. Given: {len(bias)}",
@@ -198,10 +217,13 @@ class Validator:
             raise invalid(f"`{param}` is not valid: {exc.message}", param) from None  # TGI: "grammar is not valid"
         return constraint
 
-    def _stop_count(self, stop: list[str], param: str) -> None:
-        limit = self.settings.max_stop_sequences
+    def _stops(self, stop: list[str], param: str) -> None:
+        limit, length = self.settings.max_stop_sequences, self.settings.max_stop_length
         if len(stop) > limit:
             raise invalid(f"`stop` supports up to {limit} stop sequences. Given: {len(stop)}", param)
+        longest = max((len(s) for s in stop), default=0)
+        if longest > length:
+            raise invalid(f"`stop` sequences must be at most {length} characters long. Given: {longest}", param)
 
     def _new_tokens(self, ids: list[int], field: str, requested: int | None, limit_field: str) -> int:
         """The prompt's length, then the new tokens it leaves room for: `requested`, or when unset all
@@ -235,11 +257,25 @@ def structured(build: Callable[[], Any]) -> Any:
 
 
 # -- SamplingParams: request value, else the neutral default (which switches the step off) ----------
+SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it means greedy
+MIN_TEMPERATURE = 1e-2  # vLLM raises a lower one to this: logits / 1e-46 overflow float32, softmax gives NaN
+MAX_TEMPERATURE = 1e4  # past it the distribution is already flat; 1e308 would be inf in float32 (inf / inf)
+
+
+def sane_temperature(value: float | None) -> float:
+    """A temperature the float32 sampler can divide by: 0 (greedy) or MIN_TEMPERATURE..MAX_TEMPERATURE."""
+    if value is None:
+        return 1.0
+    if value < SAMPLING_EPS:
+        return 0.0
+    return min(max(value, MIN_TEMPERATURE), MAX_TEMPERATURE)
+
+
 def generate_params(p: GenerateParameters, max_new: int) -> SamplingParams:
     """TGI semantics: greedy unless `do_sample` or a warper; multiplicative repetition penalty."""
     return SamplingParams(
         max_new_tokens=max_new,
-        temperature=1.0 if p.temperature is None else p.temperature,
+        temperature=sane_temperature(p.temperature),
         do_sample=p.do_sample,
         top_k=p.top_k or 0,
         top_p=1.0 if p.top_p is None else p.top_p,
@@ -257,7 +293,7 @@ def generate_params(p: GenerateParameters, max_new: int) -> SamplingParams:
 
 def openai_params(req: SamplingFields, max_new: int, n: int, top_n: int) -> SamplingParams:
     """OpenAI semantics: sampling unless temperature is 0; additive presence/frequency penalties."""
-    temperature = 1.0 if req.temperature is None else req.temperature
+    temperature = sane_temperature(req.temperature)
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=temperature,

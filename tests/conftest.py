@@ -5,7 +5,8 @@ the first time a test asks for it, and SIGTERMs it at the end. Reuse them instea
 own: every server costs a model load (10-60 s on this machine).
 
 - `auto_server`: OAI_ENABLED unset (dispatch on the body), default limits, MAX_TOTAL_TOKENS=1024.
-- `openai_server`: OAI_ENABLED=true, MAX_CONCURRENT_REQUESTS=6 (a test checks the 429 there).
+- `openai_server`: OAI_ENABLED=true, MAX_CONCURRENT_REQUESTS=6 (a test checks the 429 there), MAX_BEST_OF=3
+  (tests ask for `n: 3`).
 - `generate_server`: OAI_ENABLED=false, MAX_INPUT_TOKENS=48, MAX_TOTAL_TOKENS=64, PAYLOAD_LIMIT=65536
   (small limits so that the length and size errors are cheap to reach).
 """
@@ -17,7 +18,7 @@ import pytest
 from tests.server import Server, running_server
 
 AUTO_ENV = {"MAX_INPUT_TOKENS": "1000", "MAX_TOTAL_TOKENS": "1024"}
-OPENAI_ENV = {"OAI_ENABLED": "true", "MAX_CONCURRENT_REQUESTS": "6"}
+OPENAI_ENV = {"OAI_ENABLED": "true", "MAX_CONCURRENT_REQUESTS": "6", "MAX_BEST_OF": "3"}
 GENERATE_ENV = {"OAI_ENABLED": "false", "MAX_INPUT_TOKENS": "48", "MAX_TOTAL_TOKENS": "64", "PAYLOAD_LIMIT": "65536"}
 
 

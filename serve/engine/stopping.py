@@ -56,17 +56,3 @@ class StopCriteria:
                 best = Stop(FinishReason.STOP, seq, window_start + at)
         return best
 
-
-def holdback_length(text: str, stops: Iterable[str]) -> int:
-    """How many trailing characters of `text` could still grow into a stop string.
-
-    A streaming chat handler keeps them back until the next token decides, so that a stop
-    string split over several tokens never reaches the client.
-    """
-    keep = 0
-    for seq in stops:
-        for k in range(min(len(seq) - 1, len(text)), keep, -1):
-            if text.endswith(seq[:k]):
-                keep = k
-                break
-    return keep

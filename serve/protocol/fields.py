@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -21,6 +22,24 @@ def _no_empty(value: list[str]) -> list[str]:
 
 
 StopSequences = Annotated[list[StrictStr], BeforeValidator(_as_list), AfterValidator(_no_empty)]
+
+
+I32_MAX = 2**31 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+U64_MAX = 2**64 - 1
+LOGPROB_FLOOR = -9999.0  # what vLLM writes for a -inf logprob (a token the grammar or a bias ruled out)
+
+
+def _finite_logprob(value: float | None) -> float | None:
+    """JSON has no NaN or Infinity: a logprob is written as a number in LOGPROB_FLOOR..0 (or null)."""
+    if value is None:
+        return None
+    if math.isnan(value):
+        return LOGPROB_FLOOR
+    return min(0.0, max(LOGPROB_FLOOR, value))
+
+
+Logprob = Annotated[float | None, AfterValidator(_finite_logprob)]
 
 
 def _is_none(value: Any) -> bool:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve.protocol.fields import StopSequences, WireModel, omitted_when_none
+from serve.protocol.fields import I32_MAX, U64_MAX, Logprob, StopSequences, WireModel, omitted_when_none
 from serve.protocol.structured import GrammarParam
 
 
@@ -39,10 +39,10 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = Field(default=None, gt=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     return_full_text: bool | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=U64_MAX)  # TGI's u64
     stop: StopSequences = Field(default_factory=list)
     temperature: float | None = Field(default=None, ge=0.0)
-    top_k: int | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, gt=0, le=I32_MAX)  # TGI's i32
     top_n_tokens: int | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     truncate: int | None = Field(default=None, gt=0)
@@ -85,7 +85,7 @@ class Token(WireModel):
 
     id: int
     text: str
-    logprob: float | None
+    logprob: Logprob
     special: bool
 
 
@@ -99,7 +99,7 @@ class PrefillToken(WireModel):
 
     id: int
     text: str
-    logprob: Annotated[float | None, BeforeValidator(_nan_is_null)]
+    logprob: Annotated[Logprob, BeforeValidator(_nan_is_null)]
 
 
 class SequenceDetails(WireModel):

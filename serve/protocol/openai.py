@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
-from serve.protocol.fields import StopSequences, WireModel, omitted_when_none
+from serve.protocol.fields import I64_MAX, I64_MIN, Logprob, StopSequences, WireModel, omitted_when_none
 from serve.protocol.structured import ResponseFormat, StructuredFields, ToolCall
 
 
@@ -90,7 +90,7 @@ class SamplingFields(BaseModel):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=I64_MIN, le=I64_MAX)  # vLLM's bounds (a torch seed)
     stop: StopSequences = Field(default_factory=list)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -189,7 +189,7 @@ class Usage(WireModel):
 
 class TopLogprob(WireModel):
     token: str
-    logprob: float | None
+    logprob: Logprob
     bytes: list[int]
 
 
@@ -263,8 +263,8 @@ class LegacyLogprobs(WireModel):
     """The completions `logprobs` shape: parallel lists and character offsets."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float | None] | None] = Field(default_factory=list)
+    token_logprobs: list[Logprob] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from serve.engine.detokenize import IncrementalDetokenizer
 from serve.engine.request import FinishReason, SamplingParams
 from serve.engine.sampling import SamplingState
-from serve.engine.stopping import StopCriteria, holdback_length
+from serve.engine.stopping import StopCriteria
+from serve.handlers.holdback import Holdback
 
 V = 8
 LOGITS = torch.tensor([[0.0, 3.0, 2.9, 1.0, -1.0, 0.5, 0.2, 0.1]])
@@ -92,7 +95,17 @@ def test_eos_length_and_ignore_eos():
     ("Hello wor", ["world!"], 3), ("Hello", ["###"], 0), ("a #", ["###"], 1), ("a ##", ["###", "##x"], 2),
 ])
 def test_holdback(text, stops, held):
-    assert holdback_length(text, stops) == held
+    assert len(text) - len(Holdback(stops).push(text)) == held
+
+
+def test_holdback_is_linear_in_the_output():
+    """100k one-character tokens against the longest stop strings allowed: a quadratic holdback
+    (every prefix of every stop string per token) takes minutes here, the automaton well under a second."""
+    stops = ["a" * 255 + "b", "ab" * 128]
+    hold, sent, started = Holdback(stops), 0, time.monotonic()
+    for _ in range(100_000):
+        sent += len(hold.push("a"))
+    assert sent == 100_000 - 255 and time.monotonic() - started < 5
 
 
 def test_detokenizer_keeps_leading_spaces_and_whole_characters(tokenizer):
