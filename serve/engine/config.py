@@ -26,7 +26,9 @@ BLOCK_SIZE = 16  # tokens per KV block (vLLM's default): at most 15 slots of a s
 DEFAULT_MAX_BATCH_SIZE = 256  # rows decoded together (vLLM's max_num_seqs)
 MIN_ATTENTION_TOKENS = 32768  # one layer's gathered keys and values per SDPA call (grows to one full sequence)
 # Peak bytes per [rows, vocab] entry of one sampling step with every option on (penalties, logit
-# bias, top-k, top-p, typical-p, top-n), model logits included: measured 82-86 on CPU, fp32.
+# bias, watermark, top-k, top-p, typical-p, top-n, a grammar on every row), model logits included:
+# measured 80 on CPU, fp32, with or without the grammar, whose mask is freed before the sort's peak
+# (tests/unit/test_memory.py). The watermark's greenlist table is one fixed 32 MB per process.
 SAMPLING_BYTES_PER_LOGIT = 96
 
 

@@ -123,3 +123,52 @@ def test_a_request_that_needs_the_whole_pool_runs_alone_then_the_rest(model, tok
     assert whole.timings.prefill_start > first.timings.finished  # it needed every block
     assert after.timings.prefill_start > whole.timings.finished
     assert tokens(whole)[0] == generate_alone(model, prompt, 24)
+
+
+def sampling_peak_bytes(build_and_sample) -> int:
+    """Peak bytes torch allocates while `build_and_sample()` runs (the profiler's allocation and free
+    events, summed in time order). numpy's own buffers (the grammar mask's unpacking) are not seen;
+    they are freed before sampling sorts, where the peak is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        build_and_sample()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("grammar", [False, True])
+def test_one_sampling_step_with_every_option_and_a_grammar_fits_its_budget_per_logit(tokenizer, grammar):
+    """SAMPLING_BYTES_PER_LOGIT (what EngineConfig sets aside per row and vocabulary entry) covers the
+    worst step: the logits, every penalty, 300 biases, watermark, top-k/p, typical-p, top-n and a
+    JSON-schema grammar on every row, with the real tokenizer's 49152-token vocabulary."""
+    from serve.engine.config import SAMPLING_BYTES_PER_LOGIT
+    from serve.engine.grammar import Constraint, compile_grammar, grammar_tokenizer
+    from serve.engine.sampling import SamplingState
+
+    rows, vocab = 16, len(tokenizer)
+    params = SamplingParams(temperature=0.8, do_sample=True, top_k=50, top_p=0.9, typical_p=0.95,
+                            repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.5, watermark=True,
+                            logit_bias={i: 1.0 for i in range(300)}, top_n_tokens=5)
+    matchers, grammar_vocab = None, 0
+    if grammar:
+        lexicon = grammar_tokenizer(tokenizer, {tokenizer.eos_token_id})
+        schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array"}},
+                  "required": ["name", "tags"]}
+        compiled = compile_grammar(Constraint.json_schema(schema), lexicon)
+        matchers, grammar_vocab = [compiled.new_matcher() for _ in range(rows)], lexicon.vocab_size
+
+    def build_and_sample() -> None:
+        logits = torch.randn(rows, vocab)
+        state = SamplingState([params] * rows, list(range(rows)), [[1, 2, 3] * 100] * rows, vocab,
+                              torch.device("cpu"), matchers, grammar_vocab)
+        for _ in range(2):
+            state.observe(state.sample(logits).ids)
+
+    build_and_sample()  # once first: the watermark's table (one fixed 32 MB per process, not per row) exists now
+    per_logit = sampling_peak_bytes(build_and_sample) / (rows * vocab)
+    print(f"\nsampling peak, grammar={grammar}: {per_logit:.1f} bytes per row and vocabulary entry")
+    assert 40 < per_logit <= SAMPLING_BYTES_PER_LOGIT  # the lower bound: the measurement sees the sort's copies
