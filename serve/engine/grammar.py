@@ -97,6 +97,7 @@ class GrammarLimits:
     step_lexer_fuel: int = 200_000  # ~15 ms per token, at worst
     step_max_items: int = 50_000  # ~2.5 ms per token, at worst
     max_lexer_states: int = 20_000  # ~40 MB at worst per grammar
+    probe_tokens: int = 4  # steps walked at compile time (`probe`): a grammar that fails on its first tokens is a 422
 
     def parser_limits(self) -> llguidance.LLParserLimits:
         """The llguidance form; `verbose_errors` off so messages do not echo the whole grammar."""
@@ -165,7 +166,44 @@ def compile_grammar(
         matcher.compute_bitmask()  # the first mask builds the start lexer state once, for every copy
     if matcher.is_error():
         raise _classify(constraint, matcher.get_error())
+    error = probe(matcher, limits.probe_tokens)
+    if error is not None:
+        raise _classify(constraint, error)
     return CompiledGrammar(constraint, matcher, time.perf_counter() - started)
+
+
+def probe(template: llguidance.LLMatcher, tokens: int) -> str | None:
+    """Walk a copy of `template` `tokens` steps (the lowest allowed token id each time); llguidance's
+    error if a step fails, else None.
+
+    Some grammars build their start state and first mask, then fail on the first token: the lexer
+    derives `a{1000000}` into `a{999999}` and runs out of expressions ("lexer error: too many
+    expressions constructed"). Found here, that is a 422 before any byte is sent, not a 424 from
+    the engine. The steps are the engine's own (mask, consume), within llguidance's step limits.
+    """
+    matcher = template.deep_copy()
+    for _ in range(tokens):
+        if matcher.is_stopped():
+            return None
+        mask = matcher.compute_bitmask()
+        if matcher.is_error():
+            return matcher.get_error()
+        token = _lowest_set_bit(mask)
+        if token is None:
+            return None  # nothing allowed: the engine ends such a row, it does not fail it
+        matcher.consume_token(token)
+        if matcher.is_error():
+            return matcher.get_error()
+    return None
+
+
+def _lowest_set_bit(mask: bytes) -> int | None:
+    """The lowest token id a packed little-endian bitmask allows, or None when it allows none."""
+    byte = len(mask) - len(mask.lstrip(b"\0"))
+    if byte == len(mask):
+        return None
+    value = mask[byte]
+    return byte * 8 + (value & -value).bit_length() - 1
 
 
 def _classify(constraint: Constraint, error: str) -> GrammarError:
@@ -173,6 +211,6 @@ def _classify(constraint: Constraint, error: str) -> GrammarError:
     a caret drawing (`regex parse error: ... error: unclosed group`)."""
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()] or ["unknown error"]
     detail = " ".join([lines[0]] + [line for line in lines[1:] if line.startswith("error:")])[:300]
-    if "too big" in error or "limit" in error or "too complex" in error.lower():
+    if "too big" in error or "limit" in error or "too complex" in error.lower() or "too many" in error or "max is" in error:
         return GrammarTooLarge(f"the {constraint.kind.value} is too complex to compile: {detail}")
     return InvalidGrammar(f"invalid {constraint.kind.value}: {detail}")
