@@ -183,27 +183,34 @@ def probe(template: llguidance.LLMatcher, tokens: int) -> str | None:
     """
     matcher = template.deep_copy()
     for _ in range(tokens):
-        if matcher.is_stopped():
-            return None
         mask = matcher.compute_bitmask()
         if matcher.is_error():
             return matcher.get_error()
-        token = _lowest_set_bit(mask)
-        if token is None:
-            return None  # nothing allowed: the engine ends such a row, it does not fail it
-        matcher.consume_token(token)
-        if matcher.is_error():
-            return matcher.get_error()
+        for token in _set_bits(mask, 8):
+            matcher.consume_token(token)
+            if matcher.is_error():
+                return matcher.get_error()
+            if not matcher.is_stopped():
+                break
+            matcher.rollback(1)  # an end-of-sequence token (special ids are often the lowest): try the next
+        else:
+            return None  # nothing allowed but the end: the walk is over
     return None
 
 
-def _lowest_set_bit(mask: bytes) -> int | None:
-    """The lowest token id a packed little-endian bitmask allows, or None when it allows none."""
-    byte = len(mask) - len(mask.lstrip(b"\0"))
-    if byte == len(mask):
-        return None
-    value = mask[byte]
-    return byte * 8 + (value & -value).bit_length() - 1
+def _set_bits(mask: bytes, most: int) -> list[int]:
+    """The `most` lowest token ids a packed little-endian bitmask allows."""
+    ids: list[int] = []
+    start = len(mask) - len(mask.lstrip(b"\0"))  # the first non-zero byte, found in C
+    for byte in range(start, len(mask)):
+        value = mask[byte]
+        while value and len(ids) < most:
+            low = value & -value
+            ids.append(byte * 8 + low.bit_length() - 1)
+            value ^= low
+        if len(ids) >= most:
+            break
+    return ids
 
 
 def _classify(constraint: Constraint, error: str) -> GrammarError:

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import llguidance
 import pytest
 
 from serve.engine import grammar as grammar_mod
@@ -116,6 +117,29 @@ def test_an_object_with_too_many_optional_properties_is_refused_at_compile_time(
     assert accepts(compile_grammar(Constraint.json_schema(few), lltok), '{"field_399":"x"}')
     assert accepts(compile_grammar(Constraint.json_schema({**WIDE, "required": list(WIDE["properties"])}), lltok),
                    "{" + ",".join(f'"field_{i}":""' for i in range(1500)) + "}")
+
+
+class EosFirstTokenizer:
+    """Bytes as ids 1..256 and EOS as id 0, as in tokenizers whose special tokens come first (SmolLM2)."""
+
+    eos_token_id = 0
+    bos_token_id = None
+    tokens = [b"<eos>"] + [bytes([i]) for i in range(256)]
+    special_token_ids = [0]
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return [b + 1 for b in (text if isinstance(text, bytes) else text.encode())]
+
+
+def test_the_compile_walk_steps_over_an_end_of_sequence_token():
+    """A grammar that may end at once (EOS allowed, and here the lowest id) and fails on its first
+    real token: the walk must not stop at EOS."""
+    lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(EosFirstTokenizer()))
+    grammar = 'start: "" | obj\nobj: %json ' + json.dumps(WIDE)
+    with pytest.raises(GrammarTooLarge, match="Current row has 6007 items"):
+        compile_grammar(Constraint.lark(grammar), lltok)
+    assert grammar_mod._set_bits(bytes([0, 0b1010, 0, 1]), 8) == [9, 11, 24]
+    assert grammar_mod._set_bits(bytes([0, 0b1010, 0, 1]), 1) == [9]
 
 
 @pytest.mark.parametrize("constraint", [
