@@ -98,6 +98,9 @@ class GrammarLimits:
     step_max_items: int = 50_000  # ~2.5 ms per token, at worst
     max_lexer_states: int = 20_000  # ~40 MB at worst per grammar
     probe_tokens: int = 4  # steps walked at compile time (`probe`): a grammar that fails on its first tokens is a 422
+    # The walk's mean time per token, at most: past it the grammar would stall every row of the batch at
+    # each step (a{500000} costs ~0.4 s a token on SmolLM2's vocabulary, more than a whole decode step).
+    max_step_seconds: float = 0.1
 
     def parser_limits(self) -> llguidance.LLParserLimits:
         """The llguidance form; `verbose_errors` off so messages do not echo the whole grammar."""
@@ -166,9 +169,15 @@ def compile_grammar(
         matcher.compute_bitmask()  # the first mask builds the start lexer state once, for every copy
     if matcher.is_error():
         raise _classify(constraint, matcher.get_error())
+    walk_started = time.perf_counter()
     error = probe(matcher, limits.probe_tokens)
     if error is not None:
         raise _classify(constraint, error)
+    per_token = (time.perf_counter() - walk_started) / max(1, limits.probe_tokens)
+    if per_token > limits.max_step_seconds:
+        raise GrammarTooLarge(
+            f"the {constraint.kind.value} is too complex to follow: each token costs about {per_token * 1e3:.0f} ms "
+            f"to constrain (at most {limits.max_step_seconds * 1e3:.0f} ms); simplify it")
     return CompiledGrammar(constraint, matcher, time.perf_counter() - started)
 
 

@@ -119,6 +119,14 @@ def test_an_object_with_too_many_optional_properties_is_refused_at_compile_time(
                    "{" + ",".join(f'"field_{i}":""' for i in range(1500)) + "}")
 
 
+def test_a_grammar_whose_tokens_cost_too_much_to_constrain_is_refused(lltok):
+    """`a{N}` re-derives its whole count at every token: past `max_step_seconds` a token, it would
+    stall the batch at each step (a{500000}: ~0.4 s a token on SmolLM2's vocabulary)."""
+    with pytest.raises(GrammarTooLarge, match=r"too complex to follow: each token costs about \d+ ms to constrain"):
+        compile_grammar(Constraint.regex("a{100000}"), lltok, GrammarLimits(max_step_seconds=0.0001))
+    assert compile_grammar(Constraint.regex("a{10}"), lltok, GrammarLimits(max_step_seconds=0.01))
+
+
 class EosFirstTokenizer:
     """Bytes as ids 1..256 and EOS as id 0, as in tokenizers whose special tokens come first (SmolLM2)."""
 
