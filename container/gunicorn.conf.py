@@ -172,7 +172,7 @@ worker_class = DrainingGeventWorker
 worker_connections = 1000
 preload_app = False
 # The worker heartbeat is written by the gevent hub, which stays free while the model loads on an OS
-# thread; a generous timeout still covers a hub stalled by a long tokenization.
+# thread, and tokenizing runs on OS threads too (serve/offhub.py); the generous timeout is a margin.
 timeout = 120
 graceful_timeout = _settings.graceful_timeout
 # SageMaker reuses connections; do not close them under its feet. Also the bound on an idle keep-alive
