@@ -113,11 +113,19 @@ class DrainingGeventWorker(GeventWorker):
             self._clients.discard(client)
 
     def handle_request(self, listener_name, req, sock, addr):
+        from serve.app import closing
+
         self._busy += 1
         try:
-            return super().handle_request(listener_name, req, sock, addr)
+            super().handle_request(listener_name, req, sock, addr)
         finally:
             self._busy -= 1
+            close = closing(sock)
+        if close:
+            # A body cut short by BODY_READ_TIMEOUT (its 408 is written): the rest of it must not be read
+            # as a next request (gunicorn would first drain it, as slowly as the client sends it), so
+            # the connection ends here. StopIteration is how gunicorn's keep-alive loop ends one.
+            raise StopIteration("the request body was not received in time")
 
     def handle_exit(self, sig, frame):
         import gevent
@@ -158,13 +166,18 @@ class DrainingGeventWorker(GeventWorker):
 bind = f"{_settings.host}:{_settings.port}"
 workers = 1
 worker_class = DrainingGeventWorker
+# Connections (greenlets) the worker holds at once; past it, new ones wait in the listen backlog. A
+# slow client cannot keep one for ever: its request line and headers must arrive within `keepalive`
+# (gunicorn's gevent worker bounds the parse with it) and its body within BODY_READ_TIMEOUT (serve/app.py).
 worker_connections = 1000
 preload_app = False
 # The worker heartbeat is written by the gevent hub, which stays free while the model loads on an OS
-# thread; a generous timeout still covers a hub stalled by a long tokenization.
+# thread, and tokenizing runs on OS threads too (serve/offhub.py); the generous timeout is a margin.
 timeout = 120
 graceful_timeout = _settings.graceful_timeout
-keepalive = 75  # SageMaker reuses connections; do not close them under its feet
+# SageMaker reuses connections; do not close them under its feet. Also the bound on an idle keep-alive
+# connection and on a request line and headers that arrive slowly (slowloris): the connection closes.
+keepalive = 75
 loglevel = _settings.log_level
 accesslog = "-"
 errorlog = "-"

@@ -17,6 +17,7 @@ from typing import IO, Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from serve import offhub
 from serve.config import Settings
 from serve.handlers import chat, common, completions, departure, generate
 from serve.protocol import errors
@@ -60,16 +61,60 @@ def dispatch(mode: str, body: Any) -> tuple[Api, Handler]:
     raise errors.validation(f"Unrecognised request body: send a JSON object with {SHAPES}")
 
 
-def _decode_body(limit: int) -> str:
-    """The body as text: 413 over PAYLOAD_LIMIT (declared or streamed), 400 when it is not UTF-8."""
+def _decode_body(limit: int, timeout: float = 0) -> str:
+    """The body as text: 413 over PAYLOAD_LIMIT (declared or streamed), 408 when it is not all in
+    within `timeout` seconds (0: no deadline), 400 when it is not UTF-8."""
     declared = request.content_length or 0
-    raw = b"" if declared > limit else _read_at_most(request.stream, limit + 1)
+    raw = b"" if declared > limit else _read_within(request.stream, limit + 1, timeout)
     if max(declared, len(raw)) > limit:
         raise errors.payload_too_large(limit)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise errors.bad_request(f"The body is not valid UTF-8: {exc}") from None
+
+
+class _BodyTimeout(Exception):
+    """The body read's deadline passed (raised inside the read by gevent's timer)."""
+
+
+def _read_within(stream: IO[bytes], size: int, timeout: float) -> bytes:
+    """`_read_at_most` with a deadline on the whole read, in a greenlet of the gevent worker.
+
+    A client that sends its headers and then trickles its body, or stalls in the middle of it,
+    would hold its greenlet and connection for ever; past the deadline it gets a 408 and its
+    connection is closed after the answer (`close_after_answer`: the rest of its body would be
+    read as the next request otherwise). Outside gevent (tests' Flask client) there is no hub to
+    guard and no deadline.
+    """
+    if timeout <= 0 or not offhub.in_greenlet():
+        return _read_at_most(stream, size)
+    import gevent
+
+    try:
+        with gevent.Timeout(timeout, _BodyTimeout):
+            return _read_at_most(stream, size)
+    except _BodyTimeout:
+        close_after_answer(request.environ)
+        raise errors.request_timeout(timeout) from None
+
+
+_CLOSING: set[int] = set()  # ids of client sockets whose connection ends after the current answer
+
+
+def close_after_answer(environ: dict[str, Any]) -> None:
+    """Have the worker close this request's connection once its answer is written (keep-alive off)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        _CLOSING.add(id(sock))
+
+
+def closing(sock: Any) -> bool:
+    """The worker's question after each answer: must this connection close now? (Forgets it.)"""
+    if id(sock) in _CLOSING:
+        _CLOSING.discard(id(sock))
+        return True
+    return False
 
 
 def _read_at_most(stream: IO[bytes], size: int) -> bytes:
@@ -164,7 +209,7 @@ class Invocations:
                                    f"Unsupported Content-Type {mtype!r}: send application/json or application/jsonlines"),
                           self.default)
         try:
-            text = _decode_body(self.svc.settings.payload_limit)
+            text = _decode_body(self.svc.settings.payload_limit, self.svc.settings.body_read_timeout)
             if mtype in JSONLINES_TYPES:
                 return self.jsonlines(text)
             body = _loads(text)

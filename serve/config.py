@@ -103,6 +103,8 @@ class Settings:
     max_prompts: int = 64  # entries of a legacy completions `prompt` list (each is tokenized and submitted)
     max_messages: int = 1024  # chat `messages` (each is rendered by the template and tokenized)
     payload_limit: int = 6 * 1024 * 1024
+    body_read_timeout: int = 60  # seconds to receive a whole body (408 past it, then the connection closes)
+    prepare_threads: int = 2  # OS threads that tokenize and render chat templates off the gevent hub (serve/offhub.py)
     chat_template: str | None = None
     log_level: str = "info"
     graceful_timeout: int = 28  # SageMaker kills the container 30 s after SIGTERM
@@ -145,6 +147,8 @@ class Settings:
             max_prompts=_int(env, "MAX_PROMPTS", 64),
             max_messages=_int(env, "MAX_MESSAGES", 1024),
             payload_limit=_int(env, "PAYLOAD_LIMIT", 6 * 1024 * 1024),
+            body_read_timeout=_int(env, "BODY_READ_TIMEOUT", 60, minimum=0),
+            prepare_threads=_int(env, "PREPARE_THREADS", 2),
             chat_template=_chat_template(env),
             log_level=(_str(env, "LOG_LEVEL", "info") or "info").lower(),
             graceful_timeout=_int(env, "GRACEFUL_TIMEOUT", 28),

@@ -7,8 +7,8 @@ engine only asserts its own invariants. Each API goes through the same four stag
 
 1. fields: cheap checks with no tokenizer (how many stop strings, which combinations, what this
    server does not support);
-2. prepare: render the chat template, tokenize, truncate (the costly stage, the one to move off
-   the gevent hub);
+2. prepare: render the chat template, tokenize, truncate (the costly stage: it runs on the
+   off-hub pool's OS threads, serve/offhub.py, while the handler's greenlet waits cooperatively);
 3. token counts: the prompt's length, the new-token budget, the KV budget; then `SamplingParams`;
 4. grammar: a `response_format`, `grammar` or tool constraint is compiled (on the grammar compiler's
    threads; the handler's greenlet waits cooperatively), so that an invalid, too large or too slow
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from serve import chat_template
+from serve import chat_template, offhub
 from serve.config import Settings
 from serve.engine.grammar import Constraint, GrammarError
 from serve.engine.request import GenerationRequest, SamplingParams
@@ -66,9 +66,11 @@ class Validator:
     """Checks requests against one server's limits: its Settings and its engine's EngineConfig."""
 
     def __init__(self, settings: Settings, limits: EngineConfig, tokenizer: Any, model_name: str,
-                 model_vocab: int | None = None, grammars: GrammarCompiler | None = None):
+                 model_vocab: int | None = None, grammars: GrammarCompiler | None = None,
+                 prepare: offhub.OffHub | None = None):
         self.settings, self.limits, self.tokenizer = settings, limits, tokenizer
         self.model_name, self.model_vocab, self.grammars = model_name, model_vocab, grammars
+        self.prepare = prepare or offhub.pool(settings.prepare_threads)  # the costly stage runs there
 
     @functools.cached_property
     def vocab_size(self) -> int:
@@ -82,7 +84,7 @@ class Validator:
         p = req.parameters
         self._generate_fields(req)  # 1. fields
         constraint = structured(lambda: grammar_constraint(p.grammar))
-        ids = self._generate_prompt(req)  # 2. prepare
+        ids = self.prepare.run(self._generate_prompt, req)  # 2. prepare (off the hub)
         max_new = self._new_tokens(ids, "inputs", p.max_new_tokens, "max_new_tokens")  # 3. token counts
         self._kv_budget(len(ids), max_new, p.best_of or 1, "max_new_tokens", "best_of")
         params = generate_params(p, max_new)
@@ -123,7 +125,7 @@ class Validator:
         plan = structured(lambda: plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
                                              req.response_format))
         constraint = plan.constraint if plan else structured(lambda: response_format_constraint(req.response_format))
-        ids = self._chat_prompt(req, plan)  # 2. prepare
+        ids = self.prepare.run(self._chat_prompt, req, plan)  # 2. prepare (off the hub)
         max_new = self._new_tokens(ids, "messages", req.token_limit, "max_tokens")  # 3. token counts
         self._kv_budget(len(ids), max_new, req.n, "max_tokens", "n")
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
@@ -153,7 +155,7 @@ class Validator:
         n, n_field = (req.best_of, "best_of") if req.best_of else (req.n, "n")
         out = []
         for prompt in req.prompts():
-            ids, text = self._completion_prompt(prompt)  # 2. prepare
+            ids, text = self.prepare.run(self._completion_prompt, prompt)  # 2. prepare (off the hub)
             max_new = self._new_tokens(ids, "prompt", req.max_tokens, "max_tokens")  # 3. token counts
             params = openai_params(req, max_new, n, req.logprobs or 0)
             params.prefill_logprobs = bool(req.echo and req.logprobs is not None)

@@ -97,6 +97,10 @@ class GrammarLimits:
     step_lexer_fuel: int = 200_000  # ~15 ms per token, at worst
     step_max_items: int = 50_000  # ~2.5 ms per token, at worst
     max_lexer_states: int = 20_000  # ~40 MB at worst per grammar
+    probe_tokens: int = 4  # steps walked at compile time (`probe`): a grammar that fails on its first tokens is a 422
+    # The walk's mean time per token, at most: past it the grammar would stall every row of the batch at
+    # each step (a{500000} costs ~0.4 s a token on SmolLM2's vocabulary, more than a whole decode step).
+    max_step_seconds: float = 0.1
 
     def parser_limits(self) -> llguidance.LLParserLimits:
         """The llguidance form; `verbose_errors` off so messages do not echo the whole grammar."""
@@ -165,7 +169,57 @@ def compile_grammar(
         matcher.compute_bitmask()  # the first mask builds the start lexer state once, for every copy
     if matcher.is_error():
         raise _classify(constraint, matcher.get_error())
+    walk_started = time.perf_counter()
+    error = probe(matcher, limits.probe_tokens)
+    if error is not None:
+        raise _classify(constraint, error)
+    per_token = (time.perf_counter() - walk_started) / max(1, limits.probe_tokens)
+    if per_token > limits.max_step_seconds:
+        raise GrammarTooLarge(
+            f"the {constraint.kind.value} is too complex to follow: each token costs about {per_token * 1e3:.0f} ms "
+            f"to constrain (at most {limits.max_step_seconds * 1e3:.0f} ms); simplify it")
     return CompiledGrammar(constraint, matcher, time.perf_counter() - started)
+
+
+def probe(template: llguidance.LLMatcher, tokens: int) -> str | None:
+    """Walk a copy of `template` `tokens` steps (the lowest allowed token id each time); llguidance's
+    error if a step fails, else None.
+
+    Some grammars build their start state and first mask, then fail on the first token: the lexer
+    derives `a{1000000}` into `a{999999}` and runs out of expressions ("lexer error: too many
+    expressions constructed"). Found here, that is a 422 before any byte is sent, not a 424 from
+    the engine. The steps are the engine's own (mask, consume), within llguidance's step limits.
+    """
+    matcher = template.deep_copy()
+    for _ in range(tokens):
+        mask = matcher.compute_bitmask()
+        if matcher.is_error():
+            return matcher.get_error()
+        for token in _set_bits(mask, 8):
+            matcher.consume_token(token)
+            if matcher.is_error():
+                return matcher.get_error()
+            if not matcher.is_stopped():
+                break
+            matcher.rollback(1)  # an end-of-sequence token (special ids are often the lowest): try the next
+        else:
+            return None  # nothing allowed but the end: the walk is over
+    return None
+
+
+def _set_bits(mask: bytes, most: int) -> list[int]:
+    """The `most` lowest token ids a packed little-endian bitmask allows."""
+    ids: list[int] = []
+    start = len(mask) - len(mask.lstrip(b"\0"))  # the first non-zero byte, found in C
+    for byte in range(start, len(mask)):
+        value = mask[byte]
+        while value and len(ids) < most:
+            low = value & -value
+            ids.append(byte * 8 + low.bit_length() - 1)
+            value ^= low
+        if len(ids) >= most:
+            break
+    return ids
 
 
 def _classify(constraint: Constraint, error: str) -> GrammarError:
@@ -173,6 +227,6 @@ def _classify(constraint: Constraint, error: str) -> GrammarError:
     a caret drawing (`regex parse error: ... error: unclosed group`)."""
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()] or ["unknown error"]
     detail = " ".join([lines[0]] + [line for line in lines[1:] if line.startswith("error:")])[:300]
-    if "too big" in error or "limit" in error or "too complex" in error.lower():
+    if "too big" in error or "limit" in error or "too complex" in error.lower() or "too many" in error or "max is" in error:
         return GrammarTooLarge(f"the {constraint.kind.value} is too complex to compile: {detail}")
     return InvalidGrammar(f"invalid {constraint.kind.value}: {detail}")

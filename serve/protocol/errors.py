@@ -97,6 +97,12 @@ def payload_too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"Payload is larger than PAYLOAD_LIMIT ({limit} bytes)")
 
 
+def request_timeout(seconds: float) -> ApiError:
+    """408 `request_timeout`: the body did not arrive within BODY_READ_TIMEOUT (nginx's, TGI's front's)."""
+    return ApiError(408, "request_timeout",
+                    f"The request body was not received within BODY_READ_TIMEOUT ({seconds:g} s); send it at once")
+
+
 def template_error(message: str) -> ApiError:
     """422 `template_error`: no chat template, or the template raised."""
     return ApiError(422, "template_error", f"Template error: {message}")

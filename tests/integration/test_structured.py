@@ -165,6 +165,16 @@ def test_generate_grammar_json_and_regex_streamed(auto_server):
     assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == events[-1]["generated_text"]
 
 
+def test_generate_grammar_that_fails_on_its_first_token_is_a_422(auto_server):
+    """`a{1000000}` compiles, then fails deriving its first token: refused at compile time."""
+    r = post(auto_server, {"inputs": "Say a:", "parameters": {"max_new_tokens": 4,
+                                                              "grammar": {"type": "regex", "value": "a{1000000}"}}})
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "validation"
+    assert "`parameters.grammar` is not valid" in r.json()["error"]
+    assert "too many expressions constructed" in r.json()["error"]
+
+
 # -- tools ------------------------------------------------------------------------------------------
 def test_required_tool_call_answer_shape(openai_server):
     out = chat(openai_server, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
@@ -218,6 +228,9 @@ def test_tool_round_trip_with_history(openai_server):
 # -- refusals ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, param, words", [
     ({"response_format": {"type": "regex", "value": "(unclosed"}}, "response_format", "invalid regex"),
+    # compiles, then fails on its first token: a 422 at compile time, not a 424 from the engine
+    ({"response_format": {"type": "regex", "value": "a{1000000}"}}, "response_format",
+     "too many expressions constructed"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      "response_format", "invalid json_schema"),
     ({"response_format": {"type": "json", "value": "{not json"}}, "response_format.value", "not valid JSON"),

@@ -150,6 +150,21 @@ def test_caps_are_settings_with_defaults():
     assert (s.max_stop_length, s.max_prompts, s.max_messages) == (20, 2, 9)
 
 
+def test_front_door_settings_have_defaults():
+    s = Settings.from_env({})
+    assert (s.body_read_timeout, s.prepare_threads) == (60, 2)
+    s = Settings.from_env({"BODY_READ_TIMEOUT": "0", "PREPARE_THREADS": "1"})
+    assert (s.body_read_timeout, s.prepare_threads) == (0, 1)
+
+
+def test_a_body_read_timeout_is_a_408_in_the_api_shape():
+    err = errors.request_timeout(60)
+    assert (err.status, err.error_type) == (408, "request_timeout")
+    assert err.model(errors.Api.GENERATE).model_dump() == {
+        "error": "The request body was not received within BODY_READ_TIMEOUT (60 s); send it at once",
+        "error_type": "request_timeout"}
+
+
 def test_within_the_caps_is_accepted():
     v = Validator(CAPPED, LIMITS, WordTokenizer(), "tiny")
     _, prompts = run({"prompt": ["a"] * 3, "stop": "x" * 8, "best_of": 2, "logprobs": 3, "max_tokens": 4}, v)

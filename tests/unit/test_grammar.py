@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import llguidance
 import pytest
 
 from serve.engine import grammar as grammar_mod
@@ -21,7 +22,7 @@ from serve.engine.grammar import (
     compile_grammar,
 )
 from serve.engine.grammar_pool import GrammarCompiler
-from tests.unit.grammar_helpers import byte_tokenizer
+from tests.unit.grammar_helpers import SLOW, byte_tokenizer
 
 WIDE = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(1500)}}
 
@@ -94,6 +95,74 @@ def test_size_budget(lltok):
         compile_grammar(Constraint.json_schema(WIDE), lltok, GrammarLimits(max_grammar_size=500))
 
 
+@pytest.mark.parametrize("constraint", [
+    Constraint.regex("a{1000000}"),
+    Constraint.json_schema({"type": "string", "pattern": "^a{1000000}$"}),
+])
+def test_a_grammar_that_fails_on_its_first_token_is_refused_at_compile_time(lltok, constraint):
+    """llguidance builds `a{1000000}`'s start state and first mask, then fails deriving the first
+    token ("too many expressions constructed"): the compile step walks a few tokens to find it."""
+    with pytest.raises(GrammarTooLarge) as info:
+        compile_grammar(constraint, lltok)
+    assert "too many expressions constructed" in info.value.message
+    assert info.value.message.startswith(f"the {constraint.kind.value} is too complex to compile")
+
+
+def test_an_object_with_too_many_optional_properties_is_refused_at_compile_time(lltok):
+    """1500 optional properties compile, then `{` fails (6007 Earley items in a row, llguidance's
+    limit is 2000); 400 work; 1500 required ones make a sequence and work too."""
+    with pytest.raises(GrammarTooLarge, match="too complex to compile: Parser Error: Current row has 6007 items"):
+        compile_grammar(Constraint.json_schema(WIDE), lltok)
+    few = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(400)}}
+    assert accepts(compile_grammar(Constraint.json_schema(few), lltok), '{"field_399":"x"}')
+    assert accepts(compile_grammar(Constraint.json_schema({**WIDE, "required": list(WIDE["properties"])}), lltok),
+                   "{" + ",".join(f'"field_{i}":""' for i in range(1500)) + "}")
+
+
+def test_a_grammar_whose_tokens_cost_too_much_to_constrain_is_refused(lltok):
+    """`a{N}` re-derives its whole count at every token: past `max_step_seconds` a token, it would
+    stall the batch at each step (a{500000}: ~0.4 s a token on SmolLM2's vocabulary)."""
+    with pytest.raises(GrammarTooLarge, match=r"too complex to follow: each token costs about \d+ ms to constrain"):
+        compile_grammar(Constraint.regex("a{100000}"), lltok, GrammarLimits(max_step_seconds=0.0001))
+    assert compile_grammar(Constraint.regex("a{10}"), lltok, GrammarLimits(max_step_seconds=0.01))
+
+
+class EosFirstTokenizer:
+    """Bytes as ids 1..256 and EOS as id 0, as in tokenizers whose special tokens come first (SmolLM2)."""
+
+    eos_token_id = 0
+    bos_token_id = None
+    tokens = [b"<eos>"] + [bytes([i]) for i in range(256)]
+    special_token_ids = [0]
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return [b + 1 for b in (text if isinstance(text, bytes) else text.encode())]
+
+
+def test_the_compile_walk_steps_over_an_end_of_sequence_token():
+    """A grammar that may end at once (EOS allowed, and here the lowest id) and fails on its first
+    real token: the walk must not stop at EOS."""
+    lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(EosFirstTokenizer()))
+    grammar = 'start: "" | obj\nobj: %json ' + json.dumps(WIDE)
+    with pytest.raises(GrammarTooLarge, match="Current row has 6007 items"):
+        compile_grammar(Constraint.lark(grammar), lltok)
+    assert grammar_mod._set_bits(bytes([0, 0b1010, 0, 1]), 8) == [9, 11, 24]
+    assert grammar_mod._set_bits(bytes([0, 0b1010, 0, 1]), 1) == [9]
+
+
+@pytest.mark.parametrize("constraint", [
+    Constraint.regex("(a|b){500000}"),
+    Constraint.regex("[a-z]{1,100000}"),
+    Constraint.json_schema({"type": "array", "items": {"type": "integer"}, "minItems": 1000000}),
+    Constraint.json_schema({"type": "string", "minLength": 1000000}),
+    Constraint.json_schema({"type": "string", "maxLength": 1000000}),
+])
+def test_huge_counts_that_llguidance_derives_lazily_still_compile(lltok, constraint):
+    """Their steps are cheap (counters, not unrolled expressions): no reason to refuse them."""
+    g = compile_grammar(constraint, lltok)
+    assert grammar_mod.probe(g.new_matcher(), 50) is None
+
+
 def test_tgi_2681_schema_compiles_fast(lltok):
     """The schema that made TGI spin forever: a dozen optional array-of-string properties."""
     schema = {"type": "object", "properties": {c: {"type": "array", "items": {"type": "string"}} for c in "abcdefghijkl"}}
@@ -150,7 +219,7 @@ def test_compilation_runs_on_a_worker_thread_and_poll_never_blocks(compiler, mon
 def test_time_budget_answers_too_slow_but_the_cache_still_fills(lltok):
     compiler = GrammarCompiler(lltok, GrammarLimits(compile_timeout=0.01), workers=1)
     try:
-        pending = compiler.submit(Constraint.json_schema(WIDE))
+        pending = compiler.submit(SLOW)
         with pytest.raises(GrammarTooSlow, match="did not compile within 0.01 s"):
             pending.wait()
         with pytest.raises(GrammarTooSlow):
@@ -158,7 +227,7 @@ def test_time_budget_answers_too_slow_but_the_cache_still_fills(lltok):
         deadline = time.monotonic() + 60
         while not pending._compilation.done and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert compiler.submit(Constraint.json_schema(WIDE)).poll() is not None  # compiled meanwhile
+        assert compiler.submit(SLOW).poll() is not None  # compiled meanwhile
     finally:
         compiler.close()
 
@@ -177,7 +246,7 @@ def test_a_greenlet_waiting_for_a_grammar_does_not_freeze_the_hub():
 def test_on_done_wakes_a_sleeping_engine_and_a_closed_compiler_refuses(lltok):
     compiler = GrammarCompiler(lltok, workers=1)
     woken = threading.Event()
-    pending = compiler.submit(Constraint.json_schema(WIDE))
+    pending = compiler.submit(SLOW)
     pending.on_done(woken.set)
     assert woken.wait(60) and pending.poll() is not None
     late = threading.Event()

@@ -10,9 +10,7 @@ import pytest
 from serve.engine.grammar import Constraint, GrammarLimits, GrammarTooSlow, InvalidGrammar
 from serve.engine.grammar_gate import GrammarGate
 from serve.engine.grammar_pool import GrammarCompiler
-from tests.unit.grammar_helpers import byte_tokenizer
-
-SLOW = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(1500)}}
+from tests.unit.grammar_helpers import SLOW, byte_tokenizer
 
 
 @pytest.fixture
@@ -49,7 +47,7 @@ def test_ready_requests_leave_in_arrival_order_and_failures_alone(compiler):
 
 def test_a_slow_compile_does_not_hold_back_a_fast_one(compiler):
     gate = GrammarGate(lambda: None)
-    gate.hold("slow", compiler.submit(Constraint.json_schema(SLOW)))
+    gate.hold("slow", compiler.submit(SLOW))
     gate.hold("fast", compiler.submit(Constraint.regex("x")))
     deadline = time.monotonic() + 30
     ready: list = []
@@ -63,8 +61,8 @@ def test_deadlines_fail_requests_and_cancelled_ones_can_be_dropped():
     compiler = GrammarCompiler(byte_tokenizer(), GrammarLimits(compile_timeout=0.01), workers=1)
     try:
         gate = GrammarGate(lambda: None)
-        gate.hold("late", compiler.submit(Constraint.json_schema(SLOW)))
-        gate.hold("gone", compiler.submit(Constraint.json_schema(SLOW)))
+        gate.hold("late", compiler.submit(SLOW))
+        gate.hold("gone", compiler.submit(SLOW))
         assert gate.drop(lambda name: name == "gone") == ["gone"]
         time.sleep(0.05)
         assert gate.wake_in() == 0.0
