@@ -136,7 +136,10 @@ class Engine:
         with self._lock:
             if not self.healthy or self._draining or self._stopping:
                 raise EngineUnavailable(self.error or "the engine is not accepting requests")
-            if len(self._requests) >= self.config.max_concurrent_requests:
+            # A cancelled request (its client left) no longer counts, though its rows leave the batch
+            # only at the next step: under load a step takes seconds, and its slot is free now.
+            cancelled = sum(1 for rid in self._cancelled if rid in self._requests)
+            if len(self._requests) - cancelled >= self.config.max_concurrent_requests:
                 raise EngineOverloaded(
                     f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight"
                 )
