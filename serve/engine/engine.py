@@ -199,7 +199,8 @@ class Engine:
         """What the engine holds, as its idle line says it: all zeros once every request has ended."""
         held, queued = self._holding()
         return (f"engine idle: {held} requests held ({queued} queued), {len(self._rows)} rows, KV blocks held "
-                f"by rows {self.pool.blocks_in_use} of {self.pool.num_blocks - 1} (the prefix cache keeps "
+                f"by rows {self.pool.blocks_in_use} of {self.pool.num_blocks - 1}, at most {self.pool.peak_in_use} so far "
+                f"(the prefix cache keeps "
                 f"{self.prefix_cache.tokens} tokens in {len(self.prefix_cache)} prompts, outside the pool)")
 
     def _holding(self) -> tuple[int, int]:

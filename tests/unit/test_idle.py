@@ -13,8 +13,8 @@ from serve.engine.idle import IdleReport
 from serve.engine.request import GenerationRequest, SamplingParams
 from tests.unit.test_engine import collect, wait_for
 
-LINE = re.compile(r"engine idle: (\d+) requests held \((\d+) queued\), (\d+) rows, KV blocks held by rows (\d+) of (\d+) "
-                  r"\(the prefix cache keeps (\d+) tokens in (\d+) prompts, outside the pool\)")
+LINE = re.compile(r"engine idle: (\d+) requests held \((\d+) queued\), (\d+) rows, KV blocks held by rows (\d+) of (\d+), "
+                  r"at most (\d+) so far \(the prefix cache keeps (\d+) tokens in (\d+) prompts, outside the pool\)")
 
 
 class Clock:
@@ -78,9 +78,10 @@ def test_the_engine_says_it_holds_nothing_once_idle(engine, tokenizer, lines):
     prompt = tokenizer.encode("Once upon a time, in a small town by the sea, there lived a baker")
     assert len(collect(engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))))) == 5
     wait_for(lambda: len(lines.idle()) == 1)
-    level, (held, queued, rows, blocks, pool, cached, prompts) = lines.idle()[-1]
+    level, (held, queued, rows, blocks, pool, peak, cached, prompts) = lines.idle()[-1]
     assert (level, held, queued, rows, blocks) == (logging.INFO, 0, 0, 0, 0)
     assert pool == engine.pool.num_blocks - 1 and cached == len(prompt) and prompts == 1
+    assert peak == -(-(len(prompt) + 4) // engine.config.block_size)  # the most the row held: 4 tokens cached
 
     # A request cancelled mid-generation, beside one that finishes: the next line is all zeros again.
     long = engine.submit(GenerationRequest(tokenizer.encode("a long one"), SamplingParams(max_new_tokens=500, ignore_eos=True)))
