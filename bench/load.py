@@ -66,8 +66,8 @@ class LoadSpec:
 
     clients: int = 128
     requests: int = 2000  # in the measured phase, after the warm-up
-    # Enough for the prefix cache to fill (every prompt is new) and the KV pool to reach its high-water
-    # mark: after 300, the RSS still grew 9-13% over the run, all of it those two; after 600, 0.2%.
+    # Enough for the prefix cache to fill (every prompt is new) and the KV pool to reach about its
+    # high-water mark: after 300, the RSS grew 9-22% over the run, mostly those two (README, "Under load").
     warmup: int = 600
     max_seconds: float = 900.0  # per phase: the clients stop starting requests after this
     min_tokens: int = 8
@@ -76,7 +76,8 @@ class LoadSpec:
     impatient_every: int = 16  # one client in this many is impatient
     ping_every: float = 0.1
     # A steady request unanswered this long is a hang (an error). On the shared 2-core machine, with
-    # 128 rows per step, steady answers of 8-32 tokens took up to 500 s (p50 185 s).
+    # 128 rows per step, steady answers of 8-32 tokens took up to 500 s (p50 185 s) while neighbours
+    # loaded it; 49 s p50 and 96 s max when it was nearly quiet.
     request_timeout: float = 900.0
     seed: int = 0
 
