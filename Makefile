@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 # wins, as it does everywhere else), otherwise on PORT.
 PORT ?= 8080
 
-.PHONY: setup setup-server serve test lint typecheck bench fuzz gpu-image-check clean
+.PHONY: setup setup-server serve test lint typecheck bench fuzz load gpu-image-check clean
 
 setup: setup-server $(SDK3_VENV)/.setup-done $(SDK2_VENV)/.setup-done
 
@@ -72,6 +72,19 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: setup-server
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED="$${FUZZ_SEED:-$$RANDOM$$RANDOM}" FUZZ_TIMEOUT=7200 \
 	  $(PY) -m pytest -p no:cacheprovider -s -q tests/fuzz
+
+# A longer load test than the suite's (tests/integration/test_load.py, bench/load.py): LOAD_CLIENTS clients of
+# mixed APIs, a quarter leaving mid-stream and some hanging up, LOAD_WARMUP warm-up requests then LOAD_REQUESTS
+# more, each phase bounded by LOAD_SECONDS; prints requests by API and outcome, statuses, /ping p50/p99/max,
+# the worker's RSS after warm-up and after the run, tokens/s and what the engine holds after; exits 1 when a
+# check fails.
+LOAD_CLIENTS ?= 128
+LOAD_WARMUP ?= 500
+LOAD_REQUESTS ?= 5000
+LOAD_SECONDS ?= 1800
+load: setup-server
+	$(PY) -m bench.load --clients $(LOAD_CLIENTS) --warmup $(LOAD_WARMUP) --requests $(LOAD_REQUESTS) \
+	  --max-seconds $(LOAD_SECONDS)
 
 # Opt-in, not part of `make test`: builds the default (CUDA) image, several GB from PyPI, and checks
 # that it starts and serves here, on the CPU, saying so in its log.

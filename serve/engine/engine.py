@@ -28,6 +28,7 @@ from serve.engine.detokenize import TokenTexts
 from serve.engine.faults import Action, EngineFault, Scope, StepHealth, decide, describe
 from serve.engine.grammar_gate import GrammarGate
 from serve.engine.grammar_pool import GrammarCompiler
+from serve.engine.idle import IdleReport
 from serve.engine.interfaces import CausalLM, Tokenizer, eos_ids_of
 from serve.engine.osthread import allocate_lock, start_os_thread
 from serve.engine.paged import ATTENTION
@@ -103,6 +104,7 @@ class Engine:
         # watchdog; failed steps in a row and out-of-memory errors, for faults.py's rules.
         self.last_progress = time.monotonic()
         self._health = StepHealth()
+        self.idle_report = IdleReport()  # when the loop logs `idle_summary` (idle.py)
 
     # -- public API -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,7 +136,10 @@ class Engine:
         with self._lock:
             if not self.healthy or self._draining or self._stopping:
                 raise EngineUnavailable(self.error or "the engine is not accepting requests")
-            if len(self._requests) >= self.config.max_concurrent_requests:
+            # A cancelled request (its client left) no longer counts, though its rows leave the batch
+            # only at the next step: under load a step takes seconds, and its slot is free now.
+            cancelled = sum(1 for rid in self._cancelled if rid in self._requests)
+            if len(self._requests) - cancelled >= self.config.max_concurrent_requests:
                 raise EngineOverloaded(
                     f"Model is overloaded: more than {self.config.max_concurrent_requests} requests in flight"
                 )
@@ -190,6 +195,19 @@ class Engine:
         for req in pending:
             req.handle.fail(error(reason))
 
+    def idle_summary(self) -> str:
+        """What the engine holds, as its idle line says it: all zeros once every request has ended."""
+        held, queued = self._holding()
+        return (f"engine idle: {held} requests held ({queued} queued), {len(self._rows)} rows, KV blocks held "
+                f"by rows {self.pool.blocks_in_use} of {self.pool.num_blocks - 1}, at most {self.pool.peak_in_use} so far "
+                f"(the prefix cache keeps "
+                f"{self.prefix_cache.tokens} tokens in {len(self.prefix_cache)} prompts, outside the pool)")
+
+    def _holding(self) -> tuple[int, int]:
+        """Requests the engine holds, and how many of them wait for admission or their grammar."""
+        with self._lock:
+            return len(self._requests), len(self._waiting) + len(self._gate)
+
     @property
     def batch_size(self) -> int:
         """Rows in the running batch (for tests and metrics)."""
@@ -231,7 +249,7 @@ class Engine:
                         self._wake.wait(min(GATE_TICK, self._gate.wake_in() or 0.0))
                         self._step_and_check()
                     else:
-                        self._wake.wait()  # submit/cancel/shutdown set it: no polling
+                        self._wake.wait(self._report_idle())  # submit/cancel/shutdown set it: no polling
         except BaseException as exc:  # a fault, or the loop itself broke: nothing can be trusted any more
             self.healthy = False  # first: /ping says 503 from this moment
             if isinstance(exc, EngineFault):
@@ -243,8 +261,21 @@ class Engine:
         self._loop_done = True
         self._exited.set()
 
+    def _report_idle(self) -> float:
+        """Log the idle line when it is due; how long the idle loop may sleep before looking again (-1: for ever)."""
+        due = self.idle_report.due_in()
+        if due is not None and due <= 0:
+            held, queued = self._holding()
+            # Idle, yet a request not queued or a block still held: nothing will ever free it.
+            leaked = held > queued or self.pool.blocks_in_use > 0
+            log.log(logging.WARNING if leaked else logging.INFO, self.idle_summary())
+            self.idle_report.reported()
+            due = None
+        return -1 if due is None else due
+
     def _step_and_check(self) -> None:
         """One step, then faults.py's rules over time (failed steps in a row); release memory after an OOM."""
+        self.idle_report.busy()
         self._health.begin()
         self.step()
         self.last_progress = time.monotonic()
