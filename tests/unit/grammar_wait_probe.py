@@ -17,28 +17,17 @@ import gevent  # noqa: E402
 from serve.engine.grammar import GrammarLimits  # noqa: E402
 from serve.engine.grammar_pool import GrammarCompiler  # noqa: E402
 from tests.unit.grammar_helpers import SLOW, byte_tokenizer  # noqa: E402
+from tests.unit.hub_ticks import Ticks  # noqa: E402
 
 
 def main() -> None:
     compiler = GrammarCompiler(byte_tokenizer(), GrammarLimits(compile_timeout=120), workers=1)
-    ticks = 0
-    done = False
-
-    def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            gevent.sleep(0.01)
-
-    tick = gevent.spawn(ticker)
-    gevent.sleep(0)
-    started = time.monotonic()
-    grammar = gevent.spawn(compiler.compile, SLOW).get(timeout=120)
-    seconds = time.monotonic() - started
-    done = True
-    tick.join(5)
+    with Ticks() as ticks:
+        started = time.monotonic()
+        grammar = gevent.spawn(compiler.compile, SLOW).get(timeout=120)
+        seconds = time.monotonic() - started
     compiler.close()
-    json.dump({"compiled": grammar is not None, "seconds": seconds, "ticks": ticks}, sys.stdout)
+    json.dump({"compiled": grammar is not None, "seconds": seconds, "ticks": ticks.count}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import gevent  # noqa: E402
 from serve.engine.osthread import original  # noqa: E402
 from serve.offhub import OffHub  # noqa: E402
 from serve.protocol import errors  # noqa: E402
+from tests.unit.hub_ticks import Ticks  # noqa: E402
 
 os_sleep = original("time", "sleep")
 get_ident = original("_thread", "get_ident")
@@ -33,29 +34,17 @@ def refuse() -> None:
 
 def main() -> None:
     pool = OffHub(2)
-    ticks = 0
-    done = False
-
-    def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            gevent.sleep(0.01)
-
-    tick = gevent.spawn(ticker)
-    gevent.sleep(0)
-    started = time.monotonic()
-    jobs = [gevent.spawn(pool.run, busy, 0.5) for _ in range(4)]
-    threads = [job.get(timeout=30) for job in jobs]
-    seconds = time.monotonic() - started
-    try:
-        pool.run(refuse)
-        error = None
-    except errors.ApiError as exc:
-        error = {"status": exc.status, "type": exc.error_type, "message": exc.message, "param": exc.param}
-    done = True
-    tick.join(5)
-    json.dump({"seconds": seconds, "ticks": ticks, "threads": threads, "hub_thread": get_ident(), "error": error},
+    with Ticks() as ticks:
+        started = time.monotonic()
+        jobs = [gevent.spawn(pool.run, busy, 0.5) for _ in range(4)]
+        threads = [job.get(timeout=30) for job in jobs]
+        seconds = time.monotonic() - started
+        try:
+            pool.run(refuse)
+            error = None
+        except errors.ApiError as exc:
+            error = {"status": exc.status, "type": exc.error_type, "message": exc.message, "param": exc.param}
+    json.dump({"seconds": seconds, "ticks": ticks.count, "threads": threads, "hub_thread": get_ident(), "error": error},
               sys.stdout)
 
 
