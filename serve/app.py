@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from serve import offhub
 from serve.config import Settings
+from serve.engine.osthread import original
 from serve.handlers import chat, common, completions, departure, generate
 from serve.protocol import errors
 from serve.protocol.errors import Api, ApiError, HealthcheckError
@@ -338,6 +339,10 @@ def configure_logging(level: str) -> None:
     logger = logging.getLogger("serve")
     if not logger.handlers:
         handler = logging.StreamHandler()
+        # Made after gevent's monkey-patching, the handler's lock would be a gevent RLock, which
+        # deadlocks when the loader, engine and watchdog OS threads and the hub log at once
+        # (tests/unit/logging_probe.py); a raw OS lock serves every thread.
+        handler.lock = original("_thread", "RLock")()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
