@@ -31,6 +31,14 @@ SERVE = ROOT / "container" / "serve"
 DEFAULT_READY_TIMEOUT = 240.0  # SmolLM2 loads in 10-60 s depending on how busy the machine is
 
 
+def default_cpu_dtype() -> str:
+    """The dtype a server on this machine's CPU picks when DTYPE is unset (bfloat16 where the CPU has native
+    bf16, float32 elsewhere): what its start-up line says, on either kind of CI machine."""
+    from serve.model_loading import pick_dtype
+
+    return str(pick_dtype(None, on_gpu=False)[0]).removeprefix("torch.")
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (127.0.0.1)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.server import running_server
+from tests.server import default_cpu_dtype, running_server
 
 pytestmark = pytest.mark.slow
 T = 120
@@ -51,7 +51,7 @@ def test_ping_and_invocations_say_503_while_loading(server):
     assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
     server.wait_ready()
     logs = server.logs()
-    assert "serving model=SmolLM2-135M-Instruct" in logs and "dtype=float32" in logs and "mode=generate" in logs
+    assert "serving model=SmolLM2-135M-Instruct" in logs and f"dtype={default_cpu_dtype()}" in logs and "mode=generate" in logs
 
 
 def test_messages_api_enabled_alias(server):
