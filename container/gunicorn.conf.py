@@ -10,6 +10,7 @@ RESTART_EXIT_CODE and the arbiter forks a fresh one, which loads the model again
 
 import _socket
 import contextlib
+import functools
 import os
 import sys
 
@@ -21,7 +22,7 @@ _settings = Settings.from_env()
 # Any code but 3 and 4: on those (worker boot error, app load error) gunicorn's arbiter halts the whole
 # server instead of forking a new worker (gunicorn/arbiter.py, Arbiter.reap_workers). 70 is EX_SOFTWARE.
 RESTART_EXIT_CODE = 70
-RESTART_GRACE_SECONDS = 10.0  # the hub's restart exit normally takes ~1.5 s (see _restart_on_hub)
+RESTART_GRACE_SECONDS = 10.0  # the hub's restart exit normally takes tens of ms (see _restart_on_hub)
 
 
 class DrainingGeventWorker(GeventWorker):
@@ -37,15 +38,45 @@ class DrainingGeventWorker(GeventWorker):
         self._clients = set()
         self._busy = 0  # requests being handled right now (a connection between requests is idle)
         self._restarting = False
+        self._servers = []
         super().init_process()
 
     def run(self):
+        """gunicorn's gevent run loop (no TLS: SageMaker speaks plain HTTP), keeping hold of its servers so
+        that a restart stops accepting the moment it is ready to exit (gunicorn's own loop notices `alive`
+        only at its next 1 s tick, and each second more without an acceptor is a second of queued pings)."""
+        import time
+
         import gevent
+        from gevent.pool import Pool
+        from gevent.server import StreamServer
 
         self._hub = gevent.get_hub()  # the main thread's hub, which the watchdog's thread hands the exit to
-        super().run()  # returns once `alive` is False, the servers closed and their connections ended
+        for listener in self.sockets:
+            listener.setblocking(1)
+            server = StreamServer(listener, handle=functools.partial(self.handle, listener),
+                                  spawn=Pool(self.worker_connections))
+            server.start()
+            self._servers.append(server)
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+        self._stop_accepting()
+        deadline = time.monotonic() + self.cfg.graceful_timeout  # gunicorn's: the handlers get that long
+        while self._handlers_running() and time.monotonic() < deadline:
+            self.notify()
+            gevent.sleep(0.1)
+        for server in self._servers:
+            server.stop(timeout=1)
         if self._restarting:
             self._exit_now(RESTART_EXIT_CODE)
+
+    def _stop_accepting(self):
+        for server in self._servers:
+            server.close()  # this process's copy of the listening socket: the master's stays open
+
+    def _handlers_running(self):
+        return any(server.pool.free_count() != server.pool.size for server in self._servers)
 
     def load_wsgi(self):
         super().load_wsgi()
@@ -80,13 +111,17 @@ class DrainingGeventWorker(GeventWorker):
         import gevent
 
         self._restarting = True
-        self.alive = False  # run() closes the listening servers at its next tick (it sleeps 1 s between)
-        gevent.sleep(1.2)
+        self.alive = False
+        # Stop accepting now, not at the run loop's next tick: from here until the fresh worker listens,
+        # new connections (SageMaker's pings) wait in the master's listening socket, so this is kept short.
+        self._stop_accepting()
         deadline = time.monotonic() + 2.0
         while self._busy and time.monotonic() < deadline:
-            gevent.sleep(0.02)
+            gevent.sleep(0.01)
         self._close_idle_clients()
-        gevent.sleep(0.2)  # the last responses' final chunks leave the server's greenlets
+        deadline = time.monotonic() + 0.2  # the last responses' final chunks leave the server's greenlets
+        while self._handlers_running() and time.monotonic() < deadline:
+            gevent.sleep(0.01)
         self._exit_now(RESTART_EXIT_CODE)
 
     def _close_idle_clients(self):
