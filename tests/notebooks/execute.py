@@ -83,8 +83,11 @@ def execute(path: Path, env: dict[str, str] | None = None) -> tuple[nbformat.Not
     Raises nbclient's CellExecutionError at the first failing cell.
     """
     nb = nbformat.read(path, as_version=4)
-    saved = {key: os.environ.get(key) for key in ("NOTEBOOK_MODE", *(env or {}))}
-    os.environ.update({"NOTEBOOK_MODE": "local", **(env or {})})  # the kernel inherits this environment
+    # DTYPE=float32 for the servers the notebook starts, on every machine: the saved outputs (greedy
+    # text) were recorded in float32, and a CPU with native bf16 would otherwise pick bfloat16.
+    env = {"NOTEBOOK_MODE": "local", "DTYPE": "float32", **(env or {})}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the kernel, and the servers it starts, inherit this environment
     started = time.monotonic()
     try:
         # The notebook's own kernel: 02 runs on the SageMaker SDK v3's environment (`sagemaker-sdk3`,
