@@ -30,6 +30,6 @@ def test_128_mixed_clients_some_leaving():
     assert len(report.main) >= 2000 and {o.kind for o in report.outcomes} == set(KINDS)
     assert "client went away: cancelled" in logs  # the gone clients' engine requests were cancelled
     if memory:  # everything else held; the RSS bound is a known open failure (README, "Under load")
-        pytest.xfail(f"known: {memory[0]}; measured +6.6% and +7.7% after 600 warm-up requests, with every KV "
-                     "block and request freed: growth not yet explained (glibc malloc_trim took 220 MB off the "
-                     "idle RSS but not the growth)")
+        pytest.xfail(f"known: {memory[0]}; with oneDNN's primitive caches capped at 16 (gunicorn.conf.py) two runs "
+                     "on a bf16 Xeon grew +0.2% and +4.3% (+12.7% uncapped): to be made a hard check once the cap "
+                     "has held on a fresh clone and on the fp32 machines")
