@@ -53,7 +53,6 @@ class DrainingGeventWorker(GeventWorker):
         """gunicorn's gevent run loop (no TLS: SageMaker speaks plain HTTP), keeping hold of its servers so
         that a restart stops accepting the moment it is ready to exit (gunicorn's own loop notices `alive`
         only at its next 1 s tick, and each second more without an acceptor is a second of queued pings)."""
-        import time
 
         import gevent
         from gevent.pool import Pool
@@ -70,10 +69,7 @@ class DrainingGeventWorker(GeventWorker):
             self.notify()
             gevent.sleep(1.0)
         self._stop_accepting()
-        deadline = time.monotonic() + self.cfg.graceful_timeout  # gunicorn's: the handlers get that long
-        while self._handlers_running() and time.monotonic() < deadline:
-            self.notify()
-            gevent.sleep(0.1)
+        self._wait_for_handlers(self.cfg.graceful_timeout, 0.1)  # gunicorn's: the handlers get that long
         for server in self._servers:
             server.stop(timeout=1)
         if self._restarting:
@@ -83,8 +79,16 @@ class DrainingGeventWorker(GeventWorker):
         for server in self._servers:
             server.close()  # this process's copy of the listening socket: the master's stays open
 
-    def _handlers_running(self):
-        return any(server.pool.free_count() != server.pool.size for server in self._servers)
+    def _wait_for_handlers(self, seconds, tick):
+        """Until every connection handler has returned, or `seconds` have passed (the heartbeat goes on)."""
+        import time
+
+        import gevent
+
+        deadline = time.monotonic() + seconds
+        while any(s.pool.free_count() != s.pool.size for s in self._servers) and time.monotonic() < deadline:
+            self.notify()
+            gevent.sleep(tick)
 
     def load_wsgi(self):
         super().load_wsgi()
@@ -127,9 +131,7 @@ class DrainingGeventWorker(GeventWorker):
         while self._busy and time.monotonic() < deadline:
             gevent.sleep(0.01)
         self._close_idle_clients()
-        deadline = time.monotonic() + 0.2  # the last responses' final chunks leave the server's greenlets
-        while self._handlers_running() and time.monotonic() < deadline:
-            gevent.sleep(0.01)
+        self._wait_for_handlers(0.2, 0.01)  # the last responses' final chunks leave the server's greenlets
         self._exit_now(RESTART_EXIT_CODE)
 
     def _close_idle_clients(self):
