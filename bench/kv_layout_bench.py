@@ -40,12 +40,12 @@ def slab_step(lengths: list[int]) -> Callable[[], torch.Tensor]:
 def pool_step(lengths: list[int]) -> Callable[[], torch.Tensor]:
     """One decode step's attention through the engine's pool and attention function."""
     blocks = [-(-(n + 1) // BLOCK) for n in lengths]
-    pool = BlockPool(sum(blocks) + 1, BLOCK, 1, KV_HEADS, DIM)
-    order = random.Random(0).sample(range(1, sum(blocks) + 1), sum(blocks))  # blocks scattered in the pool
+    pool = BlockPool(sum(blocks), BLOCK, 1, KV_HEADS, DIM)
+    order = random.Random(0).sample(range(sum(blocks)), sum(blocks))  # blocks scattered in the pool
     tables = [order[sum(blocks[:i]) : sum(blocks[: i + 1])] for i in range(len(lengths))]
     pool.layer(0, torch.zeros(1)).normal_()
     layout = build_layout(pool, tables, lengths, [1] * len(lengths), MIN_ATTENTION_TOKENS, torch.device("cpu"))
-    query = torch.randn(len(lengths), HEADS, 1, DIM)
+    query = torch.randn(1, HEADS, len(lengths), DIM)  # the packed queries of one decode step
     module = SimpleNamespace(layer_idx=0)
     return lambda: paged_attention(module, query, None, None, None, scaling=DIM ** -0.5, paged_kv=layout)[0]
 

@@ -74,25 +74,25 @@ class KVBatch:
             raise
         return batch
 
-    def prefill_chunks(self, prompts: Sequence[Sequence[int]], pad_id: int,
-                       chunk: int) -> Iterator[tuple[dict, list[int]]]:
-        """Model inputs for the prompts' uncached tokens, left-padded, at most `chunk` positions per forward.
+    def prefill_chunks(self, prompts: Sequence[Sequence[int]], chunk: int) -> Iterator[tuple[dict, list[int]]]:
+        """Model inputs for the prompts' uncached tokens, packed row after row, at most `chunk` tokens
+        per forward (a long prompt spans several).
 
-        Yields the inputs and, per row, the prompt position of the chunk's first column (negative in
-        the padding), so a caller can tell which logits belong to which prompt token.
+        Yields the inputs and, per row, the prompt position of its first token in that forward (how
+        many it adds is the layout's `new`), so a caller can tell which logits belong to which token.
         """
         rests = [list(p[r.length :]) for p, r in zip(prompts, self.rows, strict=True)]
-        width = max(len(r) for r in rests)
-        ids = torch.full((self.size, width), pad_id, dtype=torch.long)
-        for i, rest in enumerate(rests):
-            ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-        cached = [r.length for r in self.rows]
-        for c0 in range(0, width, chunk):
-            c1 = min(width, c0 + chunk)
-            new = [max(0, c1 - max(c0, width - len(rest))) for rest in rests]
-            first = [n + c0 - (width - len(rest)) for n, rest in zip(cached, rests, strict=True)]
-            layout = self._layout(new)
-            yield self._inputs(ids[:, c0:c1].to(self.device), layout), first
+        done = [0] * self.size
+        while any(d < len(rest) for d, rest in zip(done, rests, strict=True)):
+            budget, new = chunk, []
+            for d, rest in zip(done, rests, strict=True):
+                new.append(min(len(rest) - d, budget))
+                budget -= new[-1]
+            first = [r.length for r in self.rows]
+            ids = [t for d, n, rest in zip(done, new, rests, strict=True) for t in rest[d : d + n]]
+            layout = self._layout(self.rows, new)
+            done = [d + n for d, n in zip(done, new, strict=True)]
+            yield self._inputs(torch.tensor([ids], dtype=torch.long, device=self.device), layout), first
 
     def fork(self, repeats: Sequence[int]) -> None:
         """Row i becomes repeats[i] consecutive rows (the n sequences of one prompt)."""
@@ -129,16 +129,34 @@ class KVBatch:
         other.rows = []
         return batch
 
-    def decode_inputs(self, last_ids: torch.Tensor) -> dict:
-        """Inputs for one decode step: every row's last token, written after its cached ones."""
+    def decode_inputs(self, last_ids: torch.Tensor, joining: KVBatch | None = None,
+                      prompts: Sequence[Sequence[int]] = ()) -> dict:
+        """Inputs for one decode step: every row's last token, written after its cached ones.
+
+        With `joining` (newcomers from `allocate`, and their `prompts`), the same forward also
+        prefills their uncached prompt tokens, whole, packed after the running rows: one pass over
+        the weights serves both, so running streams do not wait a separate prefill forward.
+        """
         bs = self.pool.block_size
         full = [r for r in self.rows if r.length == len(r.blocks) * bs]
         if any(len(r.blocks) >= r.limit for r in full):
             raise RuntimeError("a row outgrew the blocks set aside for it")
         for row, block in zip(full, self.pool.allocate(len(full)) if full else [], strict=True):
             row.blocks.append(block)
-        layout = self._layout([1] * self.size)
-        return self._inputs(last_ids.unsqueeze(1), layout)
+        rows, new, ids = list(self.rows), [1] * self.size, last_ids
+        if joining is not None:
+            rests = [list(p[r.length :]) for p, r in zip(prompts, joining.rows, strict=True)]
+            rows += joining.rows
+            new += [len(rest) for rest in rests]
+            flat = [t for rest in rests for t in rest]
+            ids = torch.cat([last_ids, torch.tensor(flat, dtype=torch.long, device=last_ids.device)])
+        return self._inputs(ids.unsqueeze(0), self._layout(rows, new))
+
+    def rewind(self) -> None:
+        """Undo `decode_inputs` after its forward failed: each row is one token shorter again (the
+        slots that forward wrote are written anew by the next one; a block it added stays)."""
+        for row in self.rows:
+            row.length -= 1
 
     def remove(self, rows: Sequence[int]) -> list[int]:
         """Drop `rows`, handing their blocks back; returns, for each remaining row, its old index."""
@@ -156,11 +174,11 @@ class KVBatch:
         self.rows = []
 
     # -- helpers --------------------------------------------------------------------------------------
-    def _layout(self, new: list[int]) -> Layout:
-        """The layout of a forward adding `new[i]` tokens to row i (whose lengths then grow by that)."""
-        layout = build_layout(self.pool, [r.blocks for r in self.rows], [r.length for r in self.rows], new,
+    def _layout(self, rows: list[Row], new: list[int]) -> Layout:
+        """The layout of a forward adding `new[i]` tokens to `rows[i]` (whose lengths then grow by that)."""
+        layout = build_layout(self.pool, [r.blocks for r in rows], [r.length for r in rows], new,
                               self.attention_tokens, self.device)
-        for row, n in zip(self.rows, new, strict=True):
+        for row, n in zip(rows, new, strict=True):
             row.length += n
         return layout
 

@@ -6,8 +6,7 @@ blocks back and nothing is ever copied to make room, so the memory the cache can
 the pool: `num_blocks * block_size` slots of `bytes_per_token` bytes.
 
 Blocks are reference-counted because the `n` sequences of one request share the full blocks of
-their prompt. Block 0 is a scratch block: the padding positions of a prefill write their keys
-there, and no block table ever points at it.
+their prompt.
 
 Each layer's tensors are created at the first write into that layer, on the device of that write
 (accelerate may spread layers over several GPUs). On CPU `torch.empty` only reserves address space:
@@ -18,20 +17,18 @@ from __future__ import annotations
 
 import torch
 
-SCRATCH = 0
-
 
 class BlockPool:
     """Fixed-size KV blocks for every layer, with a free list and reference counts."""
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, kv_heads: int, head_dim: int):
-        if num_blocks < 2:
-            raise ValueError("the pool needs at least one block besides the scratch block")
+        if num_blocks < 1:
+            raise ValueError("the pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.kv: list[torch.Tensor | None] = [None] * num_layers  # per layer, created at its first write
         self._refs = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, SCRATCH, -1))  # a stack: low ids first, freed blocks reused first
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first, freed blocks reused first
         self.peak_in_use = 0
         self.peak_gathered = 0  # the most tokens of one layer gathered for one attention call
 
@@ -41,7 +38,7 @@ class BlockPool:
 
     @property
     def blocks_in_use(self) -> int:
-        return self.num_blocks - 1 - len(self._free)
+        return self.num_blocks - len(self._free)
 
     @property
     def nbytes(self) -> int:
@@ -76,7 +73,7 @@ class BlockPool:
     def reset(self) -> None:
         """Every block free again (after a batch was discarded without releasing its rows)."""
         self._refs = [0] * self.num_blocks
-        self._free = list(range(self.num_blocks - 1, SCRATCH, -1))
+        self._free = list(range(self.num_blocks - 1, -1, -1))
 
     # -- tensors --------------------------------------------------------------------------------
     # One tensor per layer, [2 (keys, values), H, num_blocks, block_size, D]: head-major, so a gathered
@@ -87,8 +84,9 @@ class BlockPool:
         kv = self.kv[idx]
         if kv is None:
             kv = like.new_empty(2, self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
-            used = [b for b, r in enumerate(self._refs) if r > 0] + [SCRATCH]
-            kv.index_fill_(2, torch.tensor(used, device=like.device), 0)
+            used = [b for b, r in enumerate(self._refs) if r > 0]
+            if used:
+                kv.index_fill_(2, torch.tensor(used, device=like.device), 0)
             self.kv[idx] = kv
         return kv
 

@@ -1,7 +1,7 @@
 """Budgets and limits of the engine, and how the unset ones are sized from the model and the hardware.
 
 The memory the engine takes for keys and values is fixed at start-up and logged as one figure,
-`kv_budget_bytes`: the block pool (MAX_BATCH_TOTAL_TOKENS, plus one scratch block), the prefix
+`kv_budget_bytes`: the block pool (MAX_BATCH_TOTAL_TOKENS), the prefix
 cache (PREFIX_CACHE_TOKENS) and the attention workspace (the blocks of one layer gathered for one
 SDPA call, at most `attention_tokens`). Beside it, the sampling workspace grows with the rows decoded
 together (MAX_BATCH_SIZE): [rows, vocab] logits, penalties and sorts, at most
@@ -77,8 +77,8 @@ class EngineConfig:
 
     @property
     def pool_blocks(self) -> int:
-        """Blocks of the pool: the usable ones and the scratch block."""
-        return self.max_batch_total_tokens // self.block_size + 1
+        """Blocks of the pool."""
+        return self.max_batch_total_tokens // self.block_size
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -117,8 +117,8 @@ class EngineConfig:
         sized = cls(prefill, 0, inp, total, max_concurrent_requests, rows, 0,
                     attention_tokens=max(MIN_ATTENTION_TOKENS, -(-total // BLOCK_SIZE) * BLOCK_SIZE),
                     kv_bytes_per_token=per_token, num_layers=layers)
-        # Beside the pool: the scratch block and one layer's attention workspace, in tokens of all layers.
-        overhead = BLOCK_SIZE + -(-sized.attention_tokens // layers)
+        # Beside the pool: one layer's attention workspace, in tokens of all layers.
+        overhead = -(-sized.attention_tokens // layers)
         batch_total = max_batch_total_tokens
         if batch_total is None:  # sized from free memory, shared with the prefix cache and the sampling rows
             vocab = model.config.get_text_config().vocab_size
@@ -146,7 +146,7 @@ class EngineConfig:
         log.info(
             "KV budget: %d bytes = pool %d tokens (%d blocks of %d) + prefix cache %d tokens + attention "
             "workspace %d tokens of one layer, %d bytes per token; sampling workspace: %d rows x %d vocab x %d B = "
-            "%d bytes", self.kv_budget_bytes, self.max_batch_total_tokens, self.pool_blocks - 1, self.block_size,
+            "%d bytes", self.kv_budget_bytes, self.max_batch_total_tokens, self.pool_blocks, self.block_size,
             self.prefix_cache_tokens, self.attention_tokens, self.kv_bytes_per_token, self.max_batch_size,
             vocab_size, SAMPLING_BYTES_PER_LOGIT, self.sampling_bytes(vocab_size),
         )

@@ -1,4 +1,4 @@
-"""The engine: one OS thread running schedule -> prefill newcomers -> decode every row, forever.
+"""The engine: one OS thread running schedule -> one forward (decode every row, prefill newcomers) -> sample, forever.
 
 API: `submit` (returns a RequestHandle), `cancel`, `step` (one iteration; the thread calls it),
 `healthy`, `drain`, `shutdown`, and for a watchdog `seconds_since_progress` and `abort`. The thread
@@ -199,7 +199,7 @@ class Engine:
         """What the engine holds, as its idle line says it: all zeros once every request has ended."""
         held, queued = self._holding()
         return (f"engine idle: {held} requests held ({queued} queued), {len(self._rows)} rows, KV blocks held "
-                f"by rows {self.pool.blocks_in_use} of {self.pool.num_blocks - 1}, at most {self.pool.peak_in_use} so far "
+                f"by rows {self.pool.blocks_in_use} of {self.pool.num_blocks}, at most {self.pool.peak_in_use} so far "
                 f"(the prefix cache keeps "
                 f"{self.prefix_cache.tokens} tokens in {len(self.prefix_cache)} prompts, outside the pool)")
 
@@ -283,6 +283,13 @@ class Engine:
         if self._health.out_of_memory and self.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed step's tensors are gone now: hand their blocks back
 
+    def _forward_last(self, kind: str, inputs: dict) -> torch.Tensor:
+        """`_forward`, keeping only the logits of each row's last new token: [rows, V]."""
+        last = inputs["paged_kv"].last
+        if self._keep_arg:
+            return self._forward(kind, **inputs, logits_to_keep=last)[0]
+        return self._forward(kind, **inputs)[0].index_select(0, last)
+
     def _forward(self, kind: str, **inputs: Any) -> torch.Tensor:
         """Run a "prefill" or "decode" forward and count the outcome; a device error ends the loop (faults.py)."""
         try:
@@ -302,7 +309,8 @@ class Engine:
             raise EngineFault(f"engine failure while {what}: {describe(exc)}") from exc
 
     def step(self) -> None:
-        """One iteration: schedule (cancellations, admission), prefill newcomers, decode all rows."""
+        """One iteration: schedule (cancellations, admission), then one forward that decodes every row
+        and prefills the newcomers (two when nothing runs yet, or a newcomer wants prompt logprobs)."""
         self._apply_cancellations()
         self._release_grammars()
         if self._batch is None and self.pool.blocks_in_use:  # a batch was dropped without handing its blocks back
@@ -312,10 +320,13 @@ class Engine:
         free_tokens = (self.pool.free_blocks - outstanding) * self.config.block_size
         with self._lock:
             admitted = self.scheduler.admit(self._waiting, free_tokens, self.batch_size, self._cancelled)
-        if admitted:
-            self._prefill(admitted)
-        if self._rows:
-            self._decode()
+        if admitted and self._rows and not any(r.params.prefill_logprobs for r in admitted):
+            self._decode_joining(admitted)
+        else:
+            if admitted:
+                self._prefill(admitted)
+            if self._rows:
+                self._decode()
         self.steps += 1
 
     def _apply_cancellations(self) -> None:
@@ -346,10 +357,7 @@ class Engine:
 
     # -- prefill ------------------------------------------------------------------------------------
     def _prefill(self, admitted: list[RequestState]) -> None:
-        now = time.monotonic()
-        for req in admitted:
-            req.status = RequestStatus.RUNNING
-            req.handle.timings.prefill_start = now
+        _started(admitted)
         try:
             self._prefill_group(admitted)
         except Exception as exc:
@@ -365,49 +373,68 @@ class Engine:
                     self._fail(req, f"prefill failed: {one_exc}")
 
     def _prefill_group(self, group: list[RequestState]) -> None:
+        batch = self._allocate(group)
+        try:
+            last, prompt_logprobs = self._prefill_forward(batch, group)
+            self._start_rows(batch, group, last, prompt_logprobs)
+        finally:
+            batch.release()  # rows that did not join the running batch (none once `_join` took them)
+
+    def _allocate(self, group: list[RequestState]) -> KVBatch:
+        """Blocks for the newcomers' prompts, with the cached prefixes of their prompts written in."""
         cfg = self.config
         prompts = [r.request.prompt_ids for r in group]
         # Prompt logprobs need every prompt position computed, so those requests skip the prefix cache.
         prefixes = [None if r.params.prefill_logprobs else self.prefix_cache.lookup(p) for r, p in zip(group, prompts)]
         limits = [cfg.row_blocks(len(p), r.params.max_new_tokens) for r, p in zip(group, prompts)]
-        batch = KVBatch.allocate(self.pool, prompts, limits, prefixes, cfg.attention_tokens, self.device)
-        del prefixes  # views of prefix-cache entries, copied now; an insert below may evict them
-        try:
-            last, prompt_logprobs = self._prefill_forward(batch, group)
-            for i, p in enumerate(prompts):
-                self.prefix_cache.insert(p, functools.partial(batch.row_kv, i))
-            repeats = [r.n for r in group]
-            rows = [self._new_row(r, k) for r in group for k in range(r.n)]
-            if any(n != 1 for n in repeats):
-                batch.fork(repeats)
-                last = last.repeat_interleave(torch.tensor(repeats, device=last.device), dim=0)
-            sampling = SamplingState([s.req.params for s in rows], [s.seed for s in rows], [s.history for s in rows],
-                                     self.vocab_size, self.device, [s.matcher for s in rows], self._grammar_vocab)
-            result = self._sample(sampling, last, rows)
-            for req in group:
-                req.handle.timings.first_token = time.monotonic()
-            self._join(batch, sampling, rows, result, self._prompt_events(group, prompt_logprobs))
-        finally:
-            batch.release()  # rows that did not join the running batch (none once `_join` took them)
+        return KVBatch.allocate(self.pool, prompts, limits, prefixes, cfg.attention_tokens, self.device)
+
+    def _start_rows(self, batch: KVBatch, group: list[RequestState], last: torch.Tensor,
+                    prompt_logprobs: list[list[float]]) -> None:
+        """The newcomers are prefilled (`last`: the logits of each prompt's last position): cache their
+        prompts, fork their n sequences, sample their first tokens and join them to the running batch."""
+        for i, req in enumerate(group):
+            self.prefix_cache.insert(req.request.prompt_ids, functools.partial(batch.row_kv, i))
+        repeats = [r.n for r in group]
+        rows = [self._new_row(r, k) for r in group for k in range(r.n)]
+        if any(n != 1 for n in repeats):
+            batch.fork(repeats)
+            last = last.repeat_interleave(torch.tensor(repeats, device=last.device), dim=0)
+        sampling = SamplingState([s.req.params for s in rows], [s.seed for s in rows], [s.history for s in rows],
+                                 self.vocab_size, self.device, [s.matcher for s in rows], self._grammar_vocab)
+        result = self._sample(sampling, last, rows)
+        for req in group:
+            req.handle.timings.first_token = time.monotonic()
+        self._join(batch, sampling, rows, result, self._prompt_events(group, prompt_logprobs))
 
     def _prefill_forward(self, batch: KVBatch, group: list[RequestState]) -> tuple[torch.Tensor, list[list[float]]]:
         """Run the prefill; returns the logits of each prompt's last position and the prompt logprobs asked.
 
-        Logits of every position (prompt logprobs, or a model that cannot keep only the last one)
-        are computed max_batch_size positions at a time, so they never outgrow a decode step's.
+        Logits of every position (prompt logprobs, or a model that cannot keep only some) are
+        computed max_batch_size positions at a time, so they never outgrow a decode step's.
         """
         want_lp = [r.params.prefill_logprobs for r in group]
         every = any(want_lp) or not self._keep_arg
-        chunk = max(1, self.config.max_batch_size // len(group)) if every else self.config.max_batch_prefill_tokens
-        kwargs = {"logits_to_keep": 0 if every else 1} if self._keep_arg else {}
+        chunk = self.config.max_batch_size if every else self.config.max_batch_prefill_tokens
         prompts = [r.request.prompt_ids for r in group]
         chosen: list[list[float]] = [[] for _ in group]
-        for inputs, first in batch.prefill_chunks(prompts, self.pad_id, chunk):
-            logits = self._forward("prefill", **inputs, **kwargs)
+        last: list[torch.Tensor | None] = [None] * len(group)
+        for inputs, first in batch.prefill_chunks(prompts, chunk):
+            layout = inputs["paged_kv"]
+            logits = self._forward("prefill", **inputs)[0] if every else self._forward_last("prefill", inputs)
+            kept = 0
             for i, prompt in enumerate(prompts):
+                n = layout.new[i]
+                if n == 0:
+                    continue
+                mine = logits[layout.offsets[i] : layout.offsets[i] + n] if every else logits[kept : kept + 1]
+                kept += 1
                 if want_lp[i]:
-                    chosen[i] += _prompt_logprobs(logits[i], prompt, first[i])
-        return logits[:, -1, :], chosen
+                    chosen[i] += _prompt_logprobs(mine, prompt, first[i])
+                if first[i] + n == len(prompt):
+                    last[i] = mine[-1]
+        assert all(t is not None for t in last), "a prompt was not prefilled to its end"
+        return torch.stack(last), chosen  # type: ignore[arg-type]  # no None left, asserted above
 
     def _new_row(self, req: RequestState, k: int) -> SequenceState:
         p = req.params
@@ -457,14 +484,60 @@ class Engine:
         if batch is None or sampling is None or last_ids is None:
             return
         try:
-            logits = self._forward("decode", **batch.decode_inputs(last_ids))[:, -1, :]
+            logits = self._forward_last("decode", batch.decode_inputs(last_ids))
         except Exception as exc:  # the cache may hold half a step: drop the batch (TGI's clear_cache)
             log.error("decode step failed, failing its %d rows: %s", len(self._rows), describe(exc), exc_info=exc)
             self._discard_batch(f"generation failed: {describe(exc)}")
             return
+        self._decoded(sampling, logits)
+
+    def _decoded(self, sampling: SamplingState, logits: torch.Tensor) -> None:
+        """Sample every running row from its logits [rows, V], send the tokens, drop the finished rows."""
         result = self._sample(sampling, logits, self._rows)
         self._last_ids = result.ids
         self._drop_rows(self._publish(self._rows, result))
+
+    def _decode_joining(self, admitted: list[RequestState]) -> None:
+        """Decode every running row and prefill the newcomers in one forward (one pass over the weights,
+        so the running streams' next token does not wait for a separate prefill forward).
+
+        Whatever goes wrong before the newcomers have joined is left to the two-forward path
+        (`_prefill` then `_decode`), which decides who fails: the step is redone as two.
+        """
+        batch, sampling, last_ids = self._batch, self._sampling, self._last_ids
+        assert batch is not None and sampling is not None and last_ids is not None
+        _started(admitted)
+        try:
+            newcomers = self._allocate(admitted)
+        except Exception as exc:
+            log.warning("fused step: allocating the newcomers failed (%s); running them apart", describe(exc))
+            self._prefill(admitted)
+            self._decode()
+            return
+        try:
+            advanced = False
+            try:
+                inputs = batch.decode_inputs(last_ids, newcomers, [r.request.prompt_ids for r in admitted])
+                advanced = True
+                logits = self._forward_last("decode", inputs)
+            except Exception as exc:
+                log.warning("a decode step fused with a prefill failed (%s); running them apart", describe(exc))
+                if advanced:
+                    batch.rewind()
+                newcomers.release()
+                self._prefill(admitted)
+                self._decode()
+                return
+            running = len(self._rows)
+            self._decoded(sampling, logits[:running])
+            try:
+                self._start_rows(newcomers, admitted, logits[running:], [[] for _ in admitted])
+            except Exception as exc:  # e.g. one newcomer's sampling state: find it as `_prefill` does
+                log.warning("starting the newcomers of a fused step failed (%s); prefilling them again", describe(exc))
+                newcomers.release()
+                self._prefill([r for r in admitted if r.active])
+        finally:
+            newcomers.release()  # rows that did not join the running batch (none once `_join` took them)
 
     def _sample(self, sampling: SamplingState, logits: torch.Tensor, rows: list[SequenceState]) -> SampleResult:
         """Vectorised sampling; if it raises, sample row by row so only the faulty request fails."""
@@ -535,6 +608,13 @@ class Engine:
             self._fail(req, message)
 
 
+def _started(admitted: list[RequestState]) -> None:
+    now = time.monotonic()
+    for req in admitted:
+        req.status = RequestStatus.RUNNING
+        req.handle.timings.prefill_start = now
+
+
 def check_invariants(request: GenerationRequest, config: EngineConfig, vocab_size: int,
                      grammars: bool = False) -> None:
     """Raise ValueError for what the engine cannot run at all (the HTTP boundary has said why already)."""
@@ -558,10 +638,11 @@ def check_invariants(request: GenerationRequest, config: EngineConfig, vocab_siz
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], first: int) -> list[float]:
-    """Logprobs of the prompt tokens that one chunk's logits [Q, V] predict (column j is position first + j)."""
-    lo, hi = max(0, -first), min(logits.shape[0], len(prompt) - 1 - first)
-    if hi <= lo:
+    """Logprobs of the prompt tokens that one forward's logits [Q, V] of a row predict (logits j are those
+    of prompt position first + j)."""
+    hi = min(logits.shape[0], len(prompt) - 1 - first)
+    if hi <= 0:
         return []
-    lp = torch.log_softmax(logits[lo:hi].float(), dim=-1)
-    targets = torch.tensor(prompt[first + lo + 1 : first + hi + 1], device=lp.device).unsqueeze(1)
+    lp = torch.log_softmax(logits[:hi].float(), dim=-1)
+    targets = torch.tensor(prompt[first + 1 : first + hi + 1], device=lp.device).unsqueeze(1)
     return lp.gather(1, targets).squeeze(1).tolist()

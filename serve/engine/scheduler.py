@@ -28,13 +28,13 @@ class Scheduler:
         """Pop from `waiting` the requests to prefill now.
 
         `free_tokens`: pool tokens that are free and not set aside for the running rows.
-        A prefill is padded to its longest prompt, so its cost is rows x longest.
+        A prefill packs its prompts, so its cost is the sum of their lengths.
         `cancelled`: ids cancelled since the step began (their clients left); they are popped and
         never prefilled (the engine ends them at its next step).
         """
         cfg = self.config
         admitted: list[RequestState] = []
-        width = 0
+        tokens = 0
         rows = running_rows
         while waiting:
             req = waiting[0]
@@ -42,11 +42,10 @@ class Scheduler:
                 waiting.popleft()
                 continue
             need = cfg.kv_tokens_needed(req.prompt_len, req.params.max_new_tokens, req.n)
-            new_width = max(width, req.prompt_len)
-            if admitted and new_width * (len(admitted) + 1) > cfg.max_batch_prefill_tokens:
+            if admitted and tokens + req.prompt_len > cfg.max_batch_prefill_tokens:
                 break
             if need > free_tokens or rows + req.n > cfg.max_batch_size:
                 break
             admitted.append(waiting.popleft())
-            width, rows, free_tokens = new_width, rows + req.n, free_tokens - need
+            tokens, rows, free_tokens = tokens + req.prompt_len, rows + req.n, free_tokens - need
         return admitted

@@ -6,8 +6,8 @@ they set SERVE_TEST_FAULTS to a folder of their own; a production process never 
 
 Once `serve.engine.engine` is imported, this wraps, for the test to arm by writing a file into that
 folder:
-- `forward`: the model's forward. The file holds `<kind> <error>`: kind `decode` (one-token
-  forwards) or `any`; error `cuda` (a CUDA illegal memory access, once), `oom` (an allocation
+- `forward`: the model's forward. The file holds `<kind> <error>`: kind `decode` (forwards in
+  which a row adds one token) or `any`; error `cuda` (a CUDA illegal memory access, once), `oom` (an allocation
   failure, once) or `sticky` (a RuntimeError on every such forward of this process, from then on);
 - `stall`: the next engine step sleeps that many seconds first;
 - and the detokenizer stream: a request whose prompt ends with `[detok-fault]` gets tokenizers'
@@ -66,7 +66,7 @@ def _wrap_forward(model) -> None:
 
     def forward(*args, **kwargs):
         spec = _claim("forward")
-        if spec is not None and (spec.startswith("any") or kwargs["input_ids"].shape[1] == 1):
+        if spec is not None and (spec.startswith("any") or 1 in kwargs["paged_kv"].new):
             _raise_for(spec)
         return real(*args, **kwargs)
 

@@ -67,6 +67,7 @@ def server(faults):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])),
         "SERVE_TEST_FAULTS": str(faults),
         "ENGINE_STALL_TIMEOUT": str(STALL_TIMEOUT),
+        "MAX_BEST_OF": "16",  # the logit_bias test asks for n=16 (the default allows 2)
     }
     with running_server(env) as srv:
         yield srv
@@ -144,13 +145,12 @@ def test_a_detokenizer_error_fails_only_that_request(server, pinger, faults):
     assert worker_pids(server) == pids and server.ping() == 200
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "borderline by construction: the gap that spans the 16 rows' join holds one prefill step plus the first 17-row "
-    "decode; on a quiet 2-core EPYC two runs of the same tree measured ratio 1.78 (199 vs 112 ms) and 2.25 (292 vs "
-    "130 ms). The slab reallocation that used to dominate the join is gone with the block pool; make this strict "
-    "again once prefill no longer shares a step with decode (chunked prefill)"))
 def test_a_big_logit_bias_with_many_choices_does_not_stall_a_stream(server, pinger):
-    """300 biases x n=16 join a running stream: its largest gap between tokens stays under 2x its median."""
+    """300 biases x n=16 join a running stream: its largest gap between tokens stays under 2x its median.
+
+    The join's gap holds one forward (the 16 rows are prefilled inside the stream's decode forward)
+    and the 16 rows' first sampling with their biases; with a separate prefill forward it measured
+    2.07-2.63x on a quiet 2-core Xeon, fused 1.41-1.60x."""
     chat = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
             "max_tokens": 40, "stream": True, "logit_bias": {str(EOS): -100}}
     # EOS is among the 300 entries so all 16 choices run as long as the stream: its steps all carry 17 rows.

@@ -207,8 +207,17 @@ def test_handles_work_from_plain_threads(engine, tokenizer):
     assert len(results) == 4 and all(r == results[0] for r in results.values())
 
 
-def test_longer_newcomer_joins_running_rows_exactly(engine, model, tokenizer):
-    """A prompt longer than every running row joins mid-decode: both stay exact."""
+def test_longer_newcomer_joins_running_rows_exactly(engine, model, tokenizer, monkeypatch):
+    """A prompt longer than every running row joins mid-decode, prefilled in the running rows' decode
+    forward (no forward of its own): both stay exact."""
+    forwards: list[list[int]] = []  # tokens each row adds, per forward
+    real = engine.model.forward
+    def forward(*args, **kwargs):
+        if kwargs.get("paged_kv") is not None:  # the engine's, not model.generate's
+            forwards.append(kwargs["paged_kv"].new)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
     short = tokenizer.encode("short")
     long = tokenizer.encode("a much longer prompt that arrives later " * 4)
     first = engine.submit(GenerationRequest(short, SamplingParams(max_new_tokens=30, ignore_eos=True)))
@@ -219,6 +228,8 @@ def test_longer_newcomer_joins_running_rows_exactly(engine, model, tokenizer):
     rest = [ev.token.id for ev in it]
     assert head + rest == generate_alone(model, short, 30)
     assert ids_of(collect(second)) == generate_alone(model, long, 20)
+    assert forwards[0] == [len(short)] and [1, len(long)] in forwards
+    assert all(new in ([1], [1, 1], [1, len(long)]) for new in forwards[1:]), forwards
 
 
 def test_gevent_hub_is_never_starved_while_the_engine_works():
