@@ -28,7 +28,7 @@ from serve.engine.detokenize import TokenTexts
 from serve.engine.faults import Action, EngineFault, Scope, StepHealth, decide, describe
 from serve.engine.grammar_gate import GrammarGate
 from serve.engine.grammar_pool import GrammarCompiler
-from serve.engine.idle import IdleReport
+from serve.engine.idle import IdleReport, trim_heap
 from serve.engine.interfaces import CausalLM, Tokenizer, eos_ids_of
 from serve.engine.osthread import allocate_lock, start_os_thread
 from serve.engine.paged import ATTENTION
@@ -269,6 +269,7 @@ class Engine:
             # Idle, yet a request not queued or a block still held: nothing will ever free it.
             leaked = held > queued or self.pool.blocks_in_use > 0
             log.log(logging.WARNING if leaked else logging.INFO, self.idle_summary())
+            trim_heap()
             self.idle_report.reported()
             due = None
         return -1 if due is None else due

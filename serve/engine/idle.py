@@ -3,10 +3,15 @@
 An idle engine should hold nothing: no request, no row, no KV block (the prefix cache keeps copies
 of its own, outside the pool). The line says so, or shows what leaked, for an operator reading the
 log after a burst of traffic, and for the load test (bench/load.py), which reads the last one.
+
+At the same moment the engine hands the heap pages that malloc keeps free back to the system
+(`trim_heap`). A burst's many tensor sizes leave glibc's arenas fragmented: in the load test the
+worker's free-but-kept heap grew by 175 MB (in-use bytes flat, per malloc_stats) and never shrank.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from collections.abc import Callable
@@ -38,3 +43,21 @@ class IdleReport:
 
     def reported(self) -> None:
         self._pending, self._last = False, self._clock()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:  # the process's own symbols: glibc's when linked against it (no ldconfig lookup, no subprocess)
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> bool:
+    """glibc's malloc_trim(0): free pages in every arena go back to the system. False where there is none."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True

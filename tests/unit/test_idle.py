@@ -106,3 +106,18 @@ def test_blocks_a_finished_row_failed_to_hand_back_are_a_warning(engine, tokeniz
     assert level == logging.WARNING and held == 0 and rows == 0
     assert 0 < blocks <= -(-(len(prompt) + 20) // engine.config.block_size)  # the row's blocks
     assert f"KV blocks held by rows {blocks} of" in engine.idle_summary()
+
+
+def test_the_idle_engine_hands_freed_heap_pages_back(engine, tokenizer, lines, monkeypatch):
+    """With the idle line, malloc_trim(0): after a burst, malloc's free-but-kept heap goes back to the system."""
+    import serve.engine.engine as engine_module
+    from serve.engine import idle
+
+    trims: list[int] = []
+    monkeypatch.setattr(engine_module, "trim_heap", lambda: trims.append(len(lines.idle())) or idle.trim_heap())
+    engine.idle_report.interval = 0.05
+    assert len(collect(engine.submit(GenerationRequest(tokenizer.encode("a burst"), SamplingParams(max_new_tokens=3,
+                                                                                                  ignore_eos=True))))) == 3
+    wait_for(lambda: trims)
+    assert trims[0] == 1  # right after the idle line
+    assert idle.trim_heap()  # this is glibc: the call is real, not skipped
