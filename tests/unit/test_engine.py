@@ -232,6 +232,31 @@ def test_longer_newcomer_joins_running_rows_exactly(engine, model, tokenizer, mo
     assert all(new in ([1], [1, 1], [1, len(long)]) for new in forwards[1:]), forwards
 
 
+def test_a_failed_fused_forward_is_redone_as_a_prefill_then_a_decode(engine, model, tokenizer, monkeypatch):
+    """The forward that decodes a running row and prefills a newcomer fails once: the step is redone as
+    two forwards (the running row's cache rewound by the token it wrote), and nobody notices."""
+    failed: list[list[int]] = []
+    real = engine.model.forward
+
+    def forward(*args, **kwargs):
+        layout = kwargs.get("paged_kv")
+        if layout is not None and not failed and 1 in layout.new and max(layout.new) > 1:
+            failed.append(layout.new)
+            raise RuntimeError("a transient failure of the fused forward")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+    short, long = tokenizer.encode("short"), tokenizer.encode("a longer prompt that joins a running row " * 3)
+    first = engine.submit(GenerationRequest(short, SamplingParams(max_new_tokens=20, ignore_eos=True)))
+    it = iter(first)
+    head = [next(it).token.id for _ in range(3)]
+    second = engine.submit(GenerationRequest(long, SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    assert head + [ev.token.id for ev in it] == generate_alone(model, short, 20)
+    assert ids_of(collect(second)) == generate_alone(model, long, 12)
+    assert failed == [[1, len(long)]] and engine.healthy
+    wait_for(lambda: engine.batch_size == 0 and engine.pool.blocks_in_use == 0)
+
+
 def test_gevent_hub_is_never_starved_while_the_engine_works():
     """In a monkey-patched process, a ticking greenlet sees every engine step go by."""
     import json
