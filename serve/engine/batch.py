@@ -81,7 +81,7 @@ class KVBatch:
         Yields the inputs and, per row, the prompt position of its first token in that forward (how
         many it adds is the layout's `new`), so a caller can tell which logits belong to which token.
         """
-        rests = [list(p[r.length :]) for p, r in zip(prompts, self.rows, strict=True)]
+        rests = _uncached(prompts, self.rows)
         done = [0] * self.size
         while any(d < len(rest) for d, rest in zip(done, rests, strict=True)):
             budget, new = chunk, []
@@ -145,7 +145,7 @@ class KVBatch:
             row.blocks.append(block)
         rows, new, ids = list(self.rows), [1] * self.size, last_ids
         if joining is not None:
-            rests = [list(p[r.length :]) for p, r in zip(prompts, joining.rows, strict=True)]
+            rests = _uncached(prompts, joining.rows)
             rows += joining.rows
             new += [len(rest) for rest in rests]
             flat = [t for rest in rests for t in rest]
@@ -191,3 +191,8 @@ class KVBatch:
         bs = self.pool.block_size
         return torch.tensor([row.blocks[p // bs] * bs + p % bs for p in range(start, end)], dtype=torch.long,
                             device=self.device)
+
+
+def _uncached(prompts: Sequence[Sequence[int]], rows: list[Row]) -> list[list[int]]:
+    """Each prompt's tokens past what its row has cached (a prefix from the prefix cache)."""
+    return [list(p[r.length :]) for p, r in zip(prompts, rows, strict=True)]
