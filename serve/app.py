@@ -347,6 +347,11 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level.upper())
+    # transformers imports torchao whenever it is installed (for its quantizer); on a CPU build torchao
+    # warns once per CUDA kernel library it cannot load, and torch once per enum torchao registers: a
+    # dozen misleading lines in every start-up log. Only their errors are kept.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def create_app(settings: Settings | None = None, service: ModelService | None = None, load: bool = True) -> Flask:
