@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from serve.engine.idle import trim_heap
 from serve.quantize import CPU_WEIGHT_ONLY, checkpoint_method, plan
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ def load_model(
     model.eval()
     if quantized.transform is not None:
         log.info("quantized %d linear layers to %s", quantized.transform(model), quantized.name)
+        # The float weights just freed stay in malloc's arenas (int8: RSS 1,066 MB -> 612 MB once
+        # trimmed); trimmed, they count as free RAM when the KV budget is sized from it.
+        trim_heap()
     if pack_linear:
         from serve.cpu_linear import pack_linear_layers
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,24 @@ def test_load_model_quantizes_the_embedded_gguf_to_int8():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear | Int8Linear)]
     assert linears and all(isinstance(m, Int8Linear) for m in linears)
     assert model.get_output_embeddings().out_features == 49152
+
+
+RSS_AFTER_LOAD = """
+import sys, torch
+from serve.model_loading import load_model, resolve_model
+load_model(resolve_model("/nonexistent", None), torch.bfloat16, quantize=sys.argv[1] if sys.argv[1] != "none" else None)
+print(int(open("/proc/self/statm").read().split()[1]) * 4096)
+"""
+
+
+@pytest.mark.slow
+def test_quantized_weights_give_their_float_copies_back_before_the_kv_budget_is_sized():
+    """The KV budget is a share of the RAM available after loading: the float weights that int8
+    replaced must be back with the system by then, not kept free inside malloc's arenas."""
+    def rss(quantize: str) -> int:
+        out = subprocess.run([sys.executable, "-c", RSS_AFTER_LOAD, quantize], capture_output=True, text=True,
+                             timeout=300, check=True)
+        return int(out.stdout.split()[-1])
+
+    plain, int8 = rss("none"), rss("int8")
+    assert int8 < 0.75 * plain, (plain >> 20, int8 >> 20)  # measured 612 MB against 954 (1,066 untrimmed)
