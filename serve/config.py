@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import overload
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 # QUANTIZE values: TGI's names, plus the CPU's weight-only int8 and int4 (serve/quantize.py)
 QUANTIZE_NAMES = ("awq", "gptq", "marlin", "compressed-tensors", "exl2", "fp8", "eetq", "bitsandbytes",
                   "bitsandbytes-nf4", "bitsandbytes-fp4", "int8", "int4")
-_FALSE = {"0", "false", "no", "off"}
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,6 @@
 """Quantized weights: TGI's `QUANTIZE` names on GPU, int8 and int4 weight-only on CPU.
 
-What each name does (README, "Quantization"):
+What each name does (README, "Quantized weights"):
 
 - A checkpoint quantized ahead of time (AWQ, GPTQ, compressed-tensors, fp8: its config.json's
   `quantization_config`) loads as it is, with or without `QUANTIZE`; `QUANTIZE=awq` (or gptq, ...)
@@ -15,20 +15,18 @@ What each name does (README, "Quantization"):
 
 A combination that cannot run (a GPU scheme on the CPU, int8 on a GPU, `QUANTIZE=awq` on a float
 checkpoint) raises `QuantizeError` before the weights load. The KV budget is sized from the memory
-left once the weights are in place, so smaller weights leave more of it to the cache.
+left once the weights are in place (serve/model_loading.py trims the heap after quantizing), so
+smaller weights leave more of it to the cache.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # QUANTIZE=name -> the `quant_method`s of a checkpoint's quantization_config that it accepts.
 PREQUANTIZED = {

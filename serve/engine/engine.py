@@ -68,7 +68,8 @@ class Engine:
         self.device = next(model.parameters()).device
         text_cfg = model.config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
-        self.vocab_size = model.get_output_embeddings().out_features  # a quantized head has no float weight
+        head = model.get_output_embeddings()  # an nn.Linear, or a quantized one without a float weight
+        self.vocab_size = getattr(head, "out_features", None) or head.weight.shape[0]
         self.eos_token_ids = eos_ids_of(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self.eos_token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)

@@ -26,7 +26,7 @@ class CausalLM(Protocol):
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
-    def get_output_embeddings(self) -> Any: ...  # its `out_features` is the logits' width
+    def get_output_embeddings(self) -> Any: ...  # its `out_features` (or `.weight.shape[0]`): the logits' width
 
     def set_attn_implementation(self, name: str) -> None: ...  # the paged attention (paged.py)
 

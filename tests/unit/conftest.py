@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from serve.engine.config import EngineConfig
 from serve.engine.engine import Engine
+from serve.engine.request import GenerationRequest, SamplingParams
 from serve.model_loading import EMBEDDED_GGUF, embedded_model_dir
 
 
@@ -40,6 +44,24 @@ def engine(model, tokenizer):
     eng.start()
     yield eng
     eng.shutdown()
+
+
+@contextlib.contextmanager
+def running_engine(model, tokenizer, **config) -> Iterator[Engine]:
+    """An engine on `model` (EngineConfig.from_model(model, **config)), shut down on exit."""
+    eng = Engine(model, tokenizer, EngineConfig.from_model(model, **config))
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
+def decode_all(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Submit every prompt at once (greedy, EOS ignored) and return each one's generated token ids."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    handles = [engine.submit(GenerationRequest(p, params)) for p in prompts]
+    return [[ev.token.id for ev in h] for h in handles]
 
 
 def generate_alone(model, prompt: list[int], new_tokens: int) -> list[int]:

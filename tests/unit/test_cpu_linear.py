@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from serve.cpu_linear import PackedLinear, can_pack, pack_linear_layers
-from serve.engine.config import EngineConfig
-from serve.engine.engine import Engine
-from serve.engine.request import GenerationRequest, SamplingParams
-from tests.unit.conftest import generate_alone, tiny_llama
+from tests.unit.conftest import decode_all, generate_alone, running_engine, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -49,15 +46,9 @@ def test_unpackable_dtype_is_left_alone(tokenizer, monkeypatch):
 def test_engine_on_a_packed_model_matches_generate(tokenizer):
     model = tiny_llama(len(tokenizer), seed=4)
     pack_linear_layers(model)
-    engine = Engine(model, tokenizer, EngineConfig.from_model(model, max_batch_total_tokens=50_000))
-    engine.start()
-    try:
-        prompts = [tokenizer.encode("packed " * (1 + 5 * i) + f"row {i}") for i in range(6)]
-        handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=16, ignore_eos=True)))
-                   for p in prompts]
-        outs = [[ev.token.id for ev in h] for h in handles]
-    finally:
-        engine.shutdown()
+    prompts = [tokenizer.encode("packed " * (1 + 5 * i) + f"row {i}") for i in range(6)]
+    with running_engine(model, tokenizer, max_batch_total_tokens=50_000) as engine:
+        outs = decode_all(engine, prompts, 16)
     with torch.inference_mode():
         for p, out in zip(prompts, outs):
             assert out == generate_alone(model, p, 16)

@@ -14,12 +14,10 @@ import torch
 from serve import quantize
 from serve.config import ConfigError, Settings
 from serve.cpu_linear import pack_linear_layers
-from serve.engine.config import EngineConfig
-from serve.engine.engine import Engine
 from serve.engine.request import GenerationRequest, SamplingParams
 from serve.model_loading import EMBEDDED_GGUF, ModelSource, load_model, pick_dtype
 from serve.quantize import Int8Linear, QuantizeError, plan, quantize_int4, quantize_int8
-from tests.unit.conftest import tiny_llama
+from tests.unit.conftest import decode_all, running_engine, tiny_llama
 
 BF16 = torch.bfloat16
 
@@ -123,6 +121,7 @@ def _answer_logprob(model, tokenizer, question: str, answer: str) -> float:
     return logits.log_softmax(-1).gather(1, torch.tensor(target)[:, None]).mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [quantize_int8, quantize_int4])
 def test_quantized_smollm2_still_knows_its_answers(smollm2, transform):
     plain, tokenizer = smollm2
@@ -132,15 +131,11 @@ def test_quantized_smollm2_still_knows_its_answers(smollm2, transform):
     want, got = _answer_logprob(plain, tokenizer, question, answer), _answer_logprob(quantized, tokenizer, question,
                                                                                       answer)
     assert want > -0.5 and abs(got - want) < 0.1  # nats per token
-    engine = Engine(quantized, tokenizer, EngineConfig.from_model(quantized, max_total_tokens=1024, max_batch_total_tokens=4096))
-    engine.start()
-    try:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
+    with running_engine(quantized, tokenizer, max_total_tokens=1024, max_batch_total_tokens=4096) as engine:
         handle = engine.submit(GenerationRequest(list(prompt), SamplingParams(max_new_tokens=12)))
         text = tokenizer.decode([ev.token.id for ev in handle])
-    finally:
-        engine.shutdown()
     assert "Paris" in text
 
 
@@ -155,19 +150,11 @@ def test_int4_skips_layers_too_narrow_for_its_groups(tokenizer):
 def test_the_engine_serves_a_quantized_model(tokenizer, transform):
     model = tiny_llama(len(tokenizer), seed=7).to(BF16)
     transform(model)
-    engine = Engine(model, tokenizer, EngineConfig.from_model(model, max_batch_total_tokens=20_000))
-    assert engine.vocab_size == len(tokenizer)  # read from the quantized head
-    engine.start()
-    try:
-        prompts = [tokenizer.encode("quantized " * (1 + 3 * i) + f"row {i}") for i in range(4)]
-        handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=12, ignore_eos=True)))
-                   for p in prompts]
-        outs = [[ev.token.id for ev in h] for h in handles]
-        alone = [[ev.token.id for ev in engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=12,
-                                                                                         ignore_eos=True)))]
-                 for p in prompts]
-    finally:
-        engine.shutdown()
+    prompts = [tokenizer.encode("quantized " * (1 + 3 * i) + f"row {i}") for i in range(4)]
+    with running_engine(model, tokenizer, max_batch_total_tokens=20_000) as engine:
+        assert engine.vocab_size == len(tokenizer)  # read from the quantized head
+        outs = decode_all(engine, prompts, 12)
+        alone = [decode_all(engine, [p], 12)[0] for p in prompts]
     assert all(len(o) == 12 for o in outs)
     assert outs == alone  # batched rows decode as they do alone
 
@@ -187,6 +174,7 @@ def test_a_wrong_quantize_fails_before_the_weights_load(tmp_path, tokenizer, mon
         load_model(ModelSource(str(tmp_path), None, "test"), BF16, quantize="awq")
 
 
+@pytest.mark.slow
 def test_load_model_quantizes_the_embedded_gguf_to_int8():
     from serve.model_loading import embedded_model_dir
 
