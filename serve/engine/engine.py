@@ -269,8 +269,8 @@ class Engine:
             held, queued = self._holding()
             # Idle, yet a request not queued or a block still held: nothing will ever free it.
             leaked = held > queued or self.pool.blocks_in_use > 0
+            trim_heap()  # first: whoever reads the worker's RSS on seeing the idle line sees the trimmed heap
             log.log(logging.WARNING if leaked else logging.INFO, self.idle_summary())
-            trim_heap()
             self.idle_report.reported()
             due = None
         return -1 if due is None else due
