@@ -269,8 +269,9 @@ class Engine:
             held, queued = self._holding()
             # Idle, yet a request not queued or a block still held: nothing will ever free it.
             leaked = held > queued or self.pool.blocks_in_use > 0
-            trim_heap()  # first: whoever reads the worker's RSS on seeing the idle line sees the trimmed heap
-            log.log(logging.WARNING if leaked else logging.INFO, self.idle_summary())
+            summary = self.idle_summary()  # the state that made it idle (a request may arrive during the trim)
+            trim_heap()  # before the line: whoever reads the worker's RSS on seeing it sees the trimmed heap
+            log.log(logging.WARNING if leaked else logging.INFO, summary)
             self.idle_report.reported()
             due = None
         return -1 if due is None else due
