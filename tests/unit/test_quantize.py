@@ -52,6 +52,8 @@ def test_what_loads_and_how(monkeypatch):
     assert prequantized.load_kwargs == {} and "pre-quantized checkpoint (awq)" in prequantized.description
     assert plan("marlin", "gptq", True, BF16).load_kwargs == {}  # Marlin runs GPTQ checkpoints
     assert plan("fp8", "fp8", True, BF16).description.startswith("pre-quantized")
+    fp8 = plan("fp8", None, True, BF16)  # a float checkpoint: quantized while it loads
+    assert type(fp8.load_kwargs["quantization_config"]).__name__ == "FineGrainedFP8Config"
     assert plan("int8", None, False, BF16).transform is quantize_int8
     assert plan("int4", None, False, BF16).transform is quantize_int4
     real = importlib.util.find_spec  # the GPU image holds bitsandbytes; this venv need not
