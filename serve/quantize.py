@@ -101,7 +101,7 @@ def plan(name: str | None, method: str | None, on_gpu: bool, dtype: torch.dtype)
             raise QuantizeError(
                 f"QUANTIZE={name} is the CPU's weight-only scheme; on a GPU use bitsandbytes, eetq or fp8"
             )
-        if dtype != torch.bfloat16:  # their kernels' fp32 paths are 5-60x slower than the bf16 ones
+        if dtype != torch.bfloat16:  # their kernels' fp32 paths are 7-66x slower than the bf16 ones
             raise QuantizeError(f"QUANTIZE={name} computes in bfloat16: unset DTYPE (or set it to bfloat16)")
         if name == "int8":
             return QuantizePlan(name, transform=quantize_int8, description="int8 weight-only, per output channel")
