@@ -162,12 +162,13 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
     if source.revision:
         kwargs["revision"] = source.revision
-    quantized = plan(quantize, checkpoint_method(AutoConfig.from_pretrained(source.path, **kwargs)),
-                     device_map is not None, dtype)
+    config = AutoConfig.from_pretrained(source.path, **kwargs)  # read once: the plan, then the model
+    quantized = plan(quantize, checkpoint_method(config), device_map is not None, dtype)
     log.info("weights: %s", quantized.description)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, device_map=device_map, max_memory=max_memory, **quantized.load_kwargs, **kwargs
+        source.path, config=config, dtype=dtype, device_map=device_map, max_memory=max_memory,
+        **quantized.load_kwargs, **kwargs
     )
     model.eval()
     if quantized.transform is not None:

@@ -144,7 +144,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales.to(x.dtype))
+        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # scales: x's dtype
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
