@@ -94,8 +94,12 @@ def sequential_rate(model, pool: list[list[int]], new_tokens: int) -> float:
 
 
 def engine_levels(model, tokenizer, pool: list[list[int]], batches: list[int], new_tokens: int,
-                  prefix_cache_tokens: int) -> dict[int, dict]:
+                  prefix_cache_tokens: int, own_forward: bool = True) -> dict[int, dict]:
+    """`run_engine` at each batch size; `own_forward=False` runs the model's transformers forward
+    instead of the engine's own (serve/engine/decoder.py)."""
     engine = Engine(model, tokenizer, EngineConfig.from_model(model, prefix_cache_tokens=prefix_cache_tokens))
+    if not own_forward:
+        engine.decoder = None
     engine.start()
     try:
         engine.warmup()

@@ -1,7 +1,9 @@
 """Quantized weights on the CPU (QUANTIZE=int8 / int4): speed and quality next to the float model.
 
 Each variant is the embedded SmolLM2 loaded as the server loads it, in a dtype, with or without
-`QUANTIZE` ("bfloat16", "float32", "bfloat16+int8", "float32+int4", ...). Speed: the engine at
+`QUANTIZE` ("bfloat16", "float32", "bfloat16+int8", "float32+int4", ...); a variant ending in
+"@transformers" runs the model's transformers forward instead of the engine's own
+(serve/engine/decoder.py), on the same loaded weights. Speed: the engine at
 B=1 and B=16 (64 new tokens each, EOS ignored; tokens/s and time per output token), in rounds that
 alternate the variants so a slow spell of the machine hits them alike; the best round is kept.
 Quality, against the first variant (the reference, unquantized):
@@ -36,14 +38,16 @@ ANSWER_TOKENS = 48
 
 def load(variant: str):
     """(model, tokenizer) for "dtype" or "dtype+quantize"."""
-    dtype, _, quantize = variant.partition("+")
+    dtype, _, quantize = variant.partition("@")[0].partition("+")
     return on_own_thread(lambda: load_model(resolve_model("/nonexistent", None), getattr(torch, dtype),
                                             quantize=quantize or None))
 
 
-def answers(model, tokenizer) -> list[list[int]]:
+def answers(model, tokenizer, own_forward: bool = True) -> list[list[int]]:
     """Greedy answers (token ids) to QUESTIONS, from the engine."""
     engine = Engine(model, tokenizer, EngineConfig.from_model(model, prefix_cache_tokens=0))
+    if not own_forward:
+        engine.decoder = None
     engine.start()
     try:
         out = []
@@ -81,22 +85,28 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", default="bench/results/quant.json")
     args = ap.parse_args()
-    models = {v: load(v) for v in args.variants}
+    loaded: dict[str, tuple] = {}
+    for v in args.variants:  # "x@transformers" shares x's weights
+        base = v.partition("@")[0]
+        if base not in loaded:
+            loaded[base] = load(base)
+    models = {v: loaded[v.partition("@")[0]] for v in args.variants}
+    own = {v: not v.endswith("@transformers") for v in args.variants}
     pool = prompts(next(iter(models.values()))[1], max(args.batches))
     speed: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
     for r in range(args.repeat):
         for v, (model, tok) in models.items():
-            for b, row in engine_levels(model, tok, pool, args.batches, args.new_tokens, 0).items():
+            for b, row in engine_levels(model, tok, pool, args.batches, args.new_tokens, 0, own[v]).items():
                 if b not in speed[v] or row["tokens_per_s"] > speed[v][b]["tokens_per_s"]:
                     speed[v][b] = row
                 print(f"round {r + 1} {v} B={b}: {row['tokens_per_s']:.1f} tok/s, TPOT {row['tpot_ms']:.0f} ms",
                       flush=True)
     reference_model, tok = models[args.variants[0]]
-    reference = on_own_thread(answers, reference_model, tok)
+    reference = on_own_thread(answers, reference_model, tok, own[args.variants[0]])
     ref_means, _ = on_own_thread(scores, reference_model, tok, reference)
     quality = {}
     for v, (model, tok) in models.items():
-        texts = on_own_thread(answers, model, tok)
+        texts = on_own_thread(answers, model, tok, own[v])
         means, agree = on_own_thread(scores, model, tok, reference)
         gap = statistics.mean(r - m for r, m in zip(ref_means, means, strict=True))
         quality[v] = {"answers": [tok.decode(a, skip_special_tokens=True) for a in texts],

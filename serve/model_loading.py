@@ -163,7 +163,7 @@ def load_model(
     if source.revision:
         kwargs["revision"] = source.revision
     config = AutoConfig.from_pretrained(source.path, **kwargs)  # read once: the plan, then the model
-    quantized = plan(quantize, checkpoint_method(config), device_map is not None, dtype)
+    quantized = plan(quantize, checkpoint_method(config), device_map is not None, dtype, gguf=bool(source.gguf_file))
     log.info("weights: %s", quantized.description)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(

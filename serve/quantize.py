@@ -9,7 +9,7 @@ What each name does (README, "Quantized weights"):
   checkpoint while it loads, through transformers' quantizers; they need a CUDA GPU.
 - `int8` and `int4` quantize a float checkpoint's linear layers after it loads, weight-only, for the
   CPU: int8 per output channel, run by PyTorch's `_weight_int8pack_mm` kernel; int4 in groups of 32
-  along the input, torchao's `Int4OpaqueTensor` (PyTorch's `_weight_int4pack_mm_for_cpu`). A decode
+  along the input, packed by torchao's `Int4OpaqueTensor` for `_weight_int4pack_mm_for_cpu`. A decode
   step at one stream reads its weights once, so fewer bytes per weight is what makes it faster. Both
   kernels are fast only with bf16 activations, so these two always compute in bf16.
 
@@ -21,6 +21,7 @@ smaller weights leave more of it to the cache.
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,8 +69,25 @@ def checkpoint_method(config: Any) -> str | None:
     return str(getattr(method, "value", method)).lower() if method is not None else None
 
 
-def plan(name: str | None, method: str | None, on_gpu: bool, dtype: torch.dtype) -> QuantizePlan:
-    """What QUANTIZE=`name` means for a checkpoint quantized with `method` (None: float) on this device."""
+def plan(name: str | None, method: str | None, on_gpu: bool, dtype: torch.dtype, gguf: bool = False) -> QuantizePlan:
+    """What QUANTIZE=`name` means for a checkpoint quantized with `method` (None: float) on this device.
+
+    A GGUF file (`gguf`) is always unpacked to float weights while it loads (transformers' GGUF
+    kernels come from the Hub at run time, which a server must not depend on), then treated as a
+    float checkpoint; transformers cannot combine it with a quantizer of its own.
+    """
+    chosen = _plan(name, method, on_gpu, dtype)
+    if gguf:
+        if "quantization_config" in chosen.load_kwargs:
+            raise QuantizeError(f"QUANTIZE={name} cannot quantize a GGUF file while it loads (transformers "
+                                f"refuses to combine the two): serve the model's safetensors checkpoint instead")
+        import transformers
+
+        chosen.load_kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    return chosen
+
+
+def _plan(name: str | None, method: str | None, on_gpu: bool, dtype: torch.dtype) -> QuantizePlan:
     if method is not None:
         if name is not None and method not in PREQUANTIZED.get(name, set()):
             raise QuantizeError(
@@ -123,34 +141,69 @@ def _gpu_config(name: str, dtype: torch.dtype) -> Any:
     return transformers.FineGrainedFP8Config()  # fp8 weights in blocks, on GPUs with fp8 (compute capability 8.9+)
 
 
-class Int8Linear(torch.nn.Module):
-    """A linear layer with int8 weights and one scale per output channel (symmetric, weight-only).
+class WeightOnlyLinear(torch.nn.Module, abc.ABC):
+    """A linear layer whose weight is kept quantized and multiplied by one PyTorch CPU kernel (inference only).
 
-    `_weight_int8pack_mm` reads the int8 weight and multiplies in the activations' dtype; the
-    float weight is not kept (a tied embedding keeps its own).
+    A plain module calling the kernel, rather than a tensor subclass standing in for the weight: a
+    subclass's `__torch_function__` dispatch costs ~20 us per matmul in Python, as much as half the
+    kernel's own time at one stream (~210 matmuls per decode step). The float weight is not kept (a
+    tied embedding keeps its own).
     """
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
-        from torchao.quantization import PerRow
-        from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
-
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        q = Int8Tensor.from_hp(w.float(), PerRow())
-        self.register_buffer("qweight", q.qdata.contiguous())
-        self.register_buffer("scales", q.scale.reshape(-1).to(w.dtype))
         self.bias = linear.bias
 
+    @abc.abstractmethod
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, in_features] -> [M, out_features], in x's dtype."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # scales: x's dtype
+        y = self.matmul(x.reshape(-1, self.in_features).contiguous())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+
+class Int8Linear(WeightOnlyLinear):
+    """int8 weights, one scale per output channel (symmetric): `_weight_int8pack_mm`."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        from torchao.quantization import PerRow
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+        w = linear.weight.detach()
+        q = Int8Tensor.from_hp(w.float(), PerRow())
+        self.register_buffer("qweight", q.qdata.contiguous())
+        self.register_buffer("scales", q.scale.reshape(-1).to(w.dtype))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)  # scales: x's dtype
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+class Int4Linear(WeightOnlyLinear):
+    """int4 weights with a scale and zero point per group of INT4_GROUP inputs (asymmetric):
+    `_weight_int4pack_mm_for_cpu`, on the weight packed once by torchao's `Int4OpaqueTensor`."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+
+        q = Int4OpaqueTensor.from_hp(linear.weight.detach(), [1, INT4_GROUP])
+        self.register_buffer("qweight", q.qdata)
+        self.register_buffer("scale_and_zero", q.scale_and_zero)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, INT4_GROUP, self.scale_and_zero)
+        return y[:, : self.out_features] if y.shape[1] != self.out_features else y  # the kernel pads N
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, groups of {INT4_GROUP}"
 
 
 def _cpu_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
@@ -158,27 +211,25 @@ def _cpu_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, tor
             if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"]
 
 
+def _swap(model: torch.nn.Module, kind: type[WeightOnlyLinear], group: int = 1) -> int:
+    """Swap every CPU `nn.Linear` of `model` whose width divides into `group`s for a `kind`; how many were."""
+    found = [(parent, name, child) for parent, name, child in _cpu_linears(model) if child.in_features % group == 0]
+    for parent, name, child in found:
+        setattr(parent, name, kind(child))
+    return len(found)
+
+
 def quantize_int8(model: torch.nn.Module) -> int:
     """Swap every CPU `nn.Linear` of `model` for an Int8Linear; returns how many were swapped."""
-    found = _cpu_linears(model)
-    for parent, name, child in found:
-        setattr(parent, name, Int8Linear(child))
-    return len(found)
+    return _swap(model, Int8Linear)
 
 
 def quantize_int4(model: torch.nn.Module) -> int:
-    """Quantize the weight of every CPU `nn.Linear` whose width divides into groups (torchao, weight-only)."""
-    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
-    from torchao.quantization import quantize_
-
-    found = [child for _, _, child in _cpu_linears(model) if child.in_features % INT4_GROUP == 0]
-    chosen = {id(c) for c in found}
-    config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP, set_inductor_config=False)
-    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
-    return len(found)
+    """Swap every CPU `nn.Linear` whose width divides into groups of INT4_GROUP for an Int4Linear."""
+    return _swap(model, Int4Linear, INT4_GROUP)
 
 
 def is_quantized(linear: torch.nn.Module) -> bool:
-    """Whether a linear layer's weight is one of our quantized forms (never packed for oneDNN)."""
+    """Whether a linear layer's weight is quantized (ours, or a tensor subclass of some quantizer's): never packed for oneDNN."""
     weight = getattr(linear, "weight", None)
-    return isinstance(linear, Int8Linear) or (weight is not None and type(weight.data) is not torch.Tensor)
+    return isinstance(linear, WeightOnlyLinear) or (weight is not None and type(weight.data) is not torch.Tensor)

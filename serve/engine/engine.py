@@ -16,7 +16,6 @@ import logging
 import random
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -24,6 +23,7 @@ from serve.engine.batch import KVBatch
 from serve.engine.blocks import BlockPool
 from serve.engine.channel import OSEvent, RequestHandle
 from serve.engine.config import EngineConfig, kv_shape
+from serve.engine.decoder import Decoder
 from serve.engine.detokenize import TokenTexts
 from serve.engine.faults import Action, EngineFault, Scope, StepHealth, decide, describe
 from serve.engine.grammar_gate import GrammarGate
@@ -81,6 +81,7 @@ class Engine:
         self.pool = BlockPool(config.pool_blocks, config.block_size, *kv_shape(model))
         model.set_attn_implementation(ATTENTION)  # attention reads the pool (paged.py); plain SDPA otherwise
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.decoder = Decoder.of(model)  # the engine's own forward for Llama-shaped models (decoder.py)
         # Raw locks only: this object is shared between a real OS thread and gevent greenlets.
         self._lock = allocate_lock()
         self._wake = OSEvent()
@@ -288,20 +289,26 @@ class Engine:
 
     def _forward_last(self, kind: str, inputs: dict) -> torch.Tensor:
         """`_forward`, keeping only the logits of each row's last new token: [rows, V]."""
-        last = inputs["paged_kv"].last
-        if self._keep_arg:
-            return self._forward(kind, **inputs, logits_to_keep=last)[0]
-        return self._forward(kind, **inputs)[0].index_select(0, last)
+        return self._forward(kind, inputs, inputs["paged_kv"].last)
 
-    def _forward(self, kind: str, **inputs: Any) -> torch.Tensor:
+    def _forward(self, kind: str, inputs: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Run a "prefill" or "decode" forward and count the outcome; a device error ends the loop (faults.py)."""
         try:
-            output = self.model(**inputs, use_cache=True)
+            logits = self.forward_model(inputs, keep)
         except Exception as exc:
             self._health.forward_failed(kind, exc)
             raise
         self._health.forward_succeeded(kind)
-        return output.logits
+        return logits
+
+    def forward_model(self, inputs: dict, keep: torch.Tensor | None) -> torch.Tensor:
+        """The logits [N, V] of a forward's packed tokens (`batch.py`'s inputs), or of the `keep` ones only."""
+        if self.decoder is not None:
+            return self.decoder(inputs["input_ids"], inputs["paged_kv"], keep)
+        if keep is not None and self._keep_arg:
+            return self.model(**inputs, use_cache=True, logits_to_keep=keep).logits[0]
+        logits = self.model(**inputs, use_cache=True).logits[0]
+        return logits if keep is None else logits.index_select(0, keep)
 
     @contextlib.contextmanager
     def _updating(self, what: str) -> Iterator[None]:
@@ -424,7 +431,7 @@ class Engine:
         last: list[torch.Tensor | None] = [None] * len(group)
         for inputs, first in batch.prefill_chunks(prompts, chunk):
             layout = inputs["paged_kv"]
-            logits = self._forward("prefill", **inputs)[0] if every else self._forward_last("prefill", inputs)
+            logits = self._forward("prefill", inputs) if every else self._forward_last("prefill", inputs)
             kept = 0
             for i, prompt in enumerate(prompts):
                 n = layout.new[i]

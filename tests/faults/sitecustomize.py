@@ -61,16 +61,16 @@ def _raise_for(spec: str) -> None:
     raise RuntimeError("injected sticky failure: this forward fails, as every one after it")
 
 
-def _wrap_forward(model) -> None:
-    real = model.forward
+def _wrap_forward(engine) -> None:
+    real = engine.forward_model
 
-    def forward(*args, **kwargs):
+    def forward(inputs, keep):
         spec = _claim("forward")
-        if spec is not None and (spec.startswith("any") or 1 in kwargs["paged_kv"].new):
+        if spec is not None and (spec.startswith("any") or 1 in inputs["paged_kv"].new):
             _raise_for(spec)
-        return real(*args, **kwargs)
+        return real(inputs, keep)
 
-    model.forward = forward
+    engine.forward_model = forward
 
 
 class _Stream:
@@ -95,7 +95,7 @@ def _patch_engine(module) -> None:
 
     def __init__(self, model, *args, **kwargs):
         real_init(self, model, *args, **kwargs)
-        _wrap_forward(self.model)
+        _wrap_forward(self)
 
     def step(self):
         spec = _claim("stall")

@@ -211,13 +211,13 @@ def test_longer_newcomer_joins_running_rows_exactly(engine, model, tokenizer, mo
     """A prompt longer than every running row joins mid-decode, prefilled in the running rows' decode
     forward (no forward of its own): both stay exact."""
     forwards: list[list[int]] = []  # tokens each row adds, per forward
-    real = engine.model.forward
-    def forward(*args, **kwargs):
-        if kwargs.get("paged_kv") is not None:  # the engine's, not model.generate's
-            forwards.append(kwargs["paged_kv"].new)
-        return real(*args, **kwargs)
+    real = engine.forward_model
 
-    monkeypatch.setattr(engine.model, "forward", forward)
+    def forward(inputs, keep):
+        forwards.append(inputs["paged_kv"].new)
+        return real(inputs, keep)
+
+    monkeypatch.setattr(engine, "forward_model", forward)
     short = tokenizer.encode("short")
     long = tokenizer.encode("a much longer prompt that arrives later " * 4)
     first = engine.submit(GenerationRequest(short, SamplingParams(max_new_tokens=30, ignore_eos=True)))
@@ -236,16 +236,16 @@ def test_a_failed_fused_forward_is_redone_as_a_prefill_then_a_decode(engine, mod
     """The forward that decodes a running row and prefills a newcomer fails once: the step is redone as
     two forwards (the running row's cache rewound by the token it wrote), and nobody notices."""
     failed: list[list[int]] = []
-    real = engine.model.forward
+    real = engine.forward_model
 
-    def forward(*args, **kwargs):
-        layout = kwargs.get("paged_kv")
-        if layout is not None and not failed and 1 in layout.new and max(layout.new) > 1:
+    def forward(inputs, keep):
+        layout = inputs["paged_kv"]
+        if not failed and 1 in layout.new and max(layout.new) > 1:
             failed.append(layout.new)
             raise RuntimeError("a transient failure of the fused forward")
-        return real(*args, **kwargs)
+        return real(inputs, keep)
 
-    monkeypatch.setattr(engine.model, "forward", forward)
+    monkeypatch.setattr(engine, "forward_model", forward)
     short, long = tokenizer.encode("short"), tokenizer.encode("a longer prompt that joins a running row " * 3)
     first = engine.submit(GenerationRequest(short, SamplingParams(max_new_tokens=20, ignore_eos=True)))
     it = iter(first)

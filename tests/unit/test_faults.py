@@ -119,17 +119,17 @@ def test_a_failure_in_one_row_fails_only_its_request(engine, model, tokenizer, m
 
 def failing_decodes(engine, monkeypatch, error: BaseException, times: int | None = None) -> None:
     """Make the model's one-token forwards (decodes, for prompts longer than a token) raise `error`."""
-    real = engine.model.forward
+    real = engine.forward_model
     left = {"n": times}
 
-    def forward(*args, **kwargs):
-        if 1 in kwargs["paged_kv"].new and (left["n"] is None or left["n"] > 0):
+    def forward(inputs, keep):
+        if 1 in inputs["paged_kv"].new and (left["n"] is None or left["n"] > 0):
             if left["n"] is not None:
                 left["n"] -= 1
             raise error
-        return real(*args, **kwargs)
+        return real(inputs, keep)
 
-    monkeypatch.setattr(engine.model, "forward", forward)
+    monkeypatch.setattr(engine, "forward_model", forward)
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"),

@@ -92,7 +92,7 @@ def test_a_near_max_prompt_beside_110_short_ones_stays_within_the_budget(model, 
 def test_prompt_logprobs_of_a_long_prompt_come_in_chunks_no_bigger_than_a_decode_step(model, tokenizer):
     engine = small_engine(model, tokenizer, max_batch_size=8)
     widest: list[int] = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, out: widest.append(out.shape[0] * out.shape[1]))
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: widest.append(out.numel() // out.shape[-1]))
     try:
         prompt = tokenizer.encode("Every token of this prompt gets its logprob. " * 12)
         handles = [engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=3, prefill_logprobs=True)))
