@@ -203,8 +203,11 @@ def test_load_model_quantizes_the_embedded_gguf_to_int8():
 
 RSS_AFTER_LOAD = """
 import sys, torch
-from serve.model_loading import load_model, resolve_model
-load_model(resolve_model("/nonexistent", None), torch.bfloat16, quantize=sys.argv[1] if sys.argv[1] != "none" else None)
+import serve.model_loading
+if sys.argv[2] == "untrimmed":
+    serve.model_loading.trim_heap = lambda: None
+quantize = None if sys.argv[1] == "none" else sys.argv[1]
+serve.model_loading.load_model(serve.model_loading.resolve_model("/nonexistent", None), torch.bfloat16, quantize=quantize)
 print(int(open("/proc/self/statm").read().split()[1]) * 4096)
 """
 
@@ -213,12 +216,13 @@ print(int(open("/proc/self/statm").read().split()[1]) * 4096)
 def test_quantized_weights_give_their_float_copies_back_before_the_kv_budget_is_sized():
     """The KV budget is a share of the RAM available after loading: the float weights that int8
     replaced must be back with the system by then, not kept free inside malloc's arenas."""
-    def rss(quantize: str) -> int:
-        out = subprocess.run([sys.executable, "-c", RSS_AFTER_LOAD, quantize], capture_output=True, text=True,
+    def rss(quantize: str, trim: str = "trimmed") -> int:
+        out = subprocess.run([sys.executable, "-c", RSS_AFTER_LOAD, quantize, trim], capture_output=True, text=True,
                              timeout=300, check=True)
         return int(out.stdout.split()[-1])
 
-    plain, int8 = rss("none"), rss("int8")
-    # int8 drops the bf16 linear weights and their oneDNN-packed copies (~420 MB) for ~106 MB of int8:
-    # measured 581 MB against 856-879 trimmed; untrimmed, int8 held 1,066 MB, more than bf16
-    assert plain - int8 > 200 << 20, (plain >> 20, int8 >> 20)
+    plain, int8, untrimmed = rss("none"), rss("int8"), rss("int8", "untrimmed")
+    # Resident MB after loading vary by +-100 from run to run here: bf16 743-879, int8 581-661, and
+    # int8 without the trim 967-1,167 (more than bf16, which keeps the float weights it packed).
+    assert untrimmed - int8 > 200 << 20, (untrimmed >> 20, int8 >> 20)
+    assert int8 < plain, (plain >> 20, int8 >> 20)
