@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from serve.engine.blocks import BlockPool
-from serve.engine.paged import Layout, PagedCache, build_layout
+from serve.engine.paged import Layout, build_layout
 
 
 @dataclass
@@ -184,8 +184,7 @@ class KVBatch:
 
     @staticmethod
     def _inputs(input_ids: torch.Tensor, layout: Layout) -> dict:
-        return {"input_ids": input_ids, "position_ids": layout.positions, "past_key_values": PagedCache(layout),
-                "paged_kv": layout}
+        return {"input_ids": input_ids, "position_ids": layout.positions, "paged_kv": layout}
 
     def _slots(self, row: Row, start: int, end: int) -> torch.Tensor:
         bs = self.pool.block_size

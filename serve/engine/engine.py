@@ -31,7 +31,7 @@ from serve.engine.grammar_pool import GrammarCompiler
 from serve.engine.idle import IdleReport, trim_heap
 from serve.engine.interfaces import CausalLM, Tokenizer, eos_ids_of
 from serve.engine.osthread import allocate_lock, start_os_thread
-from serve.engine.paged import ATTENTION
+from serve.engine.paged import ATTENTION, PagedCache
 from serve.engine.prefix_cache import PrefixCache
 from serve.engine.publish import Publisher
 from serve.engine.request import (
@@ -305,9 +305,11 @@ class Engine:
         """The logits [N, V] of a forward's packed tokens (`batch.py`'s inputs), or of the `keep` ones only."""
         if self.decoder is not None:
             return self.decoder(inputs["input_ids"], inputs["paged_kv"], keep)
+        # transformers' forward: the cache it writes through, and `logits_to_keep` where the model takes it
+        extra = {"past_key_values": PagedCache(inputs["paged_kv"]), "use_cache": True}
         if keep is not None and self._keep_arg:
-            return self.model(**inputs, use_cache=True, logits_to_keep=keep).logits[0]
-        logits = self.model(**inputs, use_cache=True).logits[0]
+            return self.model(**inputs, **extra, logits_to_keep=keep).logits[0]
+        logits = self.model(**inputs, **extra).logits[0]
         return logits if keep is None else logits.index_select(0, keep)
 
     @contextlib.contextmanager
