@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from serve.cpu_linear import PackedLinear
 from serve.engine.config import EngineConfig
 from serve.engine.engine import Engine
 from serve.engine.request import GenerationRequest, SamplingParams
@@ -93,13 +94,30 @@ def sequential_rate(model, pool: list[list[int]], new_tokens: int) -> float:
         return run_sequential(model, pool, new_tokens)
 
 
+def repack(model: torch.nn.Module) -> None:
+    """Give the oneDNN-packed layers that handed their packed copy to the engine's fused layers
+    (serve/engine/fuse.py) one of their own again, so that a forward calling them one by one runs as
+    it did before the engine took the model (an A/B then compares forwards, not packed against
+    plain matmuls). Costs those copies' memory."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and module.packed is None:
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+
+
+def on_transformers_forward(engine: Engine) -> None:
+    """Make `engine` run the model's transformers forward instead of its own (serve/engine/decoder.py),
+    on the same weights, packed as they were loaded."""
+    engine.decoder = None
+    repack(engine.model)
+
+
 def engine_levels(model, tokenizer, pool: list[list[int]], batches: list[int], new_tokens: int,
                   prefix_cache_tokens: int, own_forward: bool = True) -> dict[int, dict]:
     """`run_engine` at each batch size; `own_forward=False` runs the model's transformers forward
     instead of the engine's own (serve/engine/decoder.py)."""
     engine = Engine(model, tokenizer, EngineConfig.from_model(model, prefix_cache_tokens=prefix_cache_tokens))
     if not own_forward:
-        engine.decoder = None
+        on_transformers_forward(engine)
     engine.start()
     try:
         engine.warmup()

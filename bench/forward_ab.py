@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from bench.engine_bench import on_own_thread, prompts, run_engine
+from bench.engine_bench import on_own_thread, on_transformers_forward, prompts, run_engine
 from serve.engine.config import EngineConfig
 from serve.engine.engine import Engine
 from serve.model_loading import load_model, resolve_model
@@ -28,9 +28,11 @@ def main() -> None:
     model, tok = on_own_thread(lambda: load_model(resolve_model("/nonexistent", None), getattr(torch, dtype),
                                                   quantize=quantize or None))
     engine = Engine(model, tok, EngineConfig.from_model(model, prefix_cache_tokens=0))
+    own_decoder = engine.decoder
+    on_transformers_forward(engine)  # the packed copies the fused layers took, back for transformers' forward
+    engine.decoder = own_decoder
     engine.start()
     engine.warmup()
-    own_decoder = engine.decoder
     pool = prompts(tok, batch)
     tpot: dict[str, list[float]] = {"own": [], "transformers": []}
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engine_bench import engine_levels, on_own_thread, prompts
+from bench.engine_bench import engine_levels, on_own_thread, on_transformers_forward, prompts
 from serve.engine.config import EngineConfig
 from serve.engine.engine import Engine
 from serve.engine.request import GenerationRequest, SamplingParams, TokenEvent
@@ -47,7 +47,7 @@ def answers(model, tokenizer, own_forward: bool = True) -> list[list[int]]:
     """Greedy answers (token ids) to QUESTIONS, from the engine."""
     engine = Engine(model, tokenizer, EngineConfig.from_model(model, prefix_cache_tokens=0))
     if not own_forward:
-        engine.decoder = None
+        on_transformers_forward(engine)
     engine.start()
     try:
         out = []

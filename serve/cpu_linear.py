@@ -15,10 +15,12 @@ fit comfortably, and `CPU_PACKED_LINEAR=false` turns it off.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
 from serve.engine.config import available_ram_bytes
+from serve.engine.fuse import concat_channels
 from serve.quantize import is_quantized
 
 log = logging.getLogger(__name__)
@@ -30,15 +32,35 @@ MEMORY_SHARE = 0.5  # pack only when the copies take at most this share of the f
 class PackedLinear(torch.nn.Module):
     """An `nn.Linear` whose matmul runs on a oneDNN-packed copy of its weight (inference only)."""
 
+    bias: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter: tying, state_dict and `.weight` readers still work
         self.bias = linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:  # its packed rows went to a fused layer, which the engine calls instead
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    @classmethod
+    def fuse(cls, parts: Sequence[PackedLinear]) -> PackedLinear:
+        """One packed layer computing `parts` side by side (serve/engine/fuse.py). A packed copy cannot
+        be shared as a view, so the parts give theirs up and keep only their plain weights (views of
+        the fused layer's): the same memory as before; transformers' forward, which the engine no
+        longer calls, then multiplies them unpacked."""
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        fused.bias = None
+        concat_channels(parts, fused, {"weight": 0})
+        fused.packed = torch.ops.mkldnn._reorder_linear_weight(fused.weight.detach())
+        for part in parts:
+            part.packed = None
+        return fused
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import abc
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from serve.engine.fuse import concat_channels
 
 # QUANTIZE=name -> the `quant_method`s of a checkpoint's quantization_config that it accepts.
 PREQUANTIZED = {
@@ -150,6 +152,10 @@ class WeightOnlyLinear(torch.nn.Module, abc.ABC):
     tied embedding keeps its own).
     """
 
+    # The buffers that hold one entry per output channel, and on which dim: a fused layer concatenates them
+    CHANNEL_DIMS: dict[str, int] = {}
+    bias: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -158,6 +164,17 @@ class WeightOnlyLinear(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """[M, in_features] -> [M, out_features], in x's dtype."""
+
+    @classmethod
+    def fuse(cls, parts: Sequence[WeightOnlyLinear]) -> WeightOnlyLinear | None:
+        """One layer whose output is the `parts`' outputs side by side (same input, same kind), bit for
+        bit, or None (serve/engine/fuse.py calls it on parts of one kind, read from one input)."""
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        fused.bias = None
+        concat_channels(parts, fused, cls.CHANNEL_DIMS)
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x.reshape(-1, self.in_features).contiguous())
@@ -168,6 +185,10 @@ class WeightOnlyLinear(torch.nn.Module, abc.ABC):
 
 class Int8Linear(WeightOnlyLinear):
     """int8 weights, one scale per output channel (symmetric): `_weight_int8pack_mm`."""
+
+    CHANNEL_DIMS = {"qweight": 0, "scales": 0}
+    qweight: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
@@ -190,6 +211,12 @@ class Int4Linear(WeightOnlyLinear):
     """int4 weights with a scale and zero point per group of INT4_GROUP inputs (asymmetric):
     `_weight_int4pack_mm_for_cpu`, on the weight packed once by torchao's `Int4OpaqueTensor`."""
 
+    # The packed weight keeps its output channels in blocks of rows (64 on AVX-512); the scales and
+    # zero points are [groups, N, 2], which a part cannot read as a view (the kernel ignores strides).
+    CHANNEL_DIMS = {"qweight": 0, "scale_and_zero": 1}
+    qweight: torch.Tensor
+    scale_and_zero: torch.Tensor
+
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
         from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
@@ -201,6 +228,20 @@ class Int4Linear(WeightOnlyLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, INT4_GROUP, self.scale_and_zero)
         return y[:, : self.out_features] if y.shape[1] != self.out_features else y  # the kernel pads N
+
+    @classmethod
+    def fuse(cls, parts: Sequence[WeightOnlyLinear]) -> WeightOnlyLinear | None:
+        """As for any weight-only layer, where the parts' packed rows line up with the kernel's blocks
+        (the layout is the kernel's own, so this is checked on one input rather than assumed)."""
+        int4 = [p for p in parts if isinstance(p, Int4Linear)]
+        if len(int4) < len(parts) or any(p.qweight.shape[0] != p.out_features for p in int4):
+            return None  # padded rows
+        probe = torch.randn(1, int4[0].in_features, generator=torch.Generator().manual_seed(0))
+        x = probe.to(int4[0].scale_and_zero.dtype)
+        with torch.no_grad():
+            want = torch.cat([p(x) for p in parts], dim=-1)
+            fused = super().fuse(parts)  # the parts' rows are now views of its weight: the same bytes
+            return fused if fused is not None and torch.equal(fused(x), want) else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, groups of {INT4_GROUP}"

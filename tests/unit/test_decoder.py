@@ -71,7 +71,9 @@ def test_the_decoder_matches_transformers_forward(family, tokenizer):
         late = engine.submit(GenerationRequest(prompts[2], SamplingParams(max_new_tokens=4, prefill_logprobs=True)))
         prefill = next(iter(late))
         list(late)
-    assert len(gaps) >= 16 and max(gaps) == 0, gaps  # the same operations in the same order: the same bits
+    # The same operations in the same order, but for q/k/v and gate/up in one matmul each: in fp32
+    # MKL may then sum a product in another order (tests/unit/test_fuse.py), a few ulps at most
+    assert len(gaps) >= 16 and max(gaps) < 1e-6, gaps
     assert outs == want  # transformers' generate, with its own masks and cache
     assert [t.logprob for t in prefill.tokens[1:]] == pytest.approx(want_logprobs, abs=1e-4)
 
@@ -84,7 +86,7 @@ def test_the_decoder_runs_quantized_linears(tokenizer):
         assert engine.decoder is not None
         gaps = both_paths(engine)
         decode_all(engine, prompts, 8)
-    assert gaps and max(gaps) == 0, gaps  # bf16 too: the same roundings
+    assert gaps and max(gaps) == 0, gaps  # int8's kernel computes each output channel alike fused or not
 
 
 def test_other_models_keep_their_own_forward(tokenizer):
