@@ -19,7 +19,8 @@ matmul over their weights side by side (fuse.py): four matmuls a layer instead o
 returns None for anything else --
 another `model_type`, a layer with other parts, a model spread over devices by accelerate's hooks
 -- and the engine then calls the model itself (transformers' forward with the same paged attention).
-tests/unit/test_decoder.py checks that both give the same logits, bit for bit, for each family.
+tests/unit/test_decoder.py checks that both give the same logits for each family: bit for bit in
+bf16, within a few ulps in fp32 (where MKL may sum a fused matmul's products in another order).
 """
 
 from __future__ import annotations
