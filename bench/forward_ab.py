@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from typing import Any
 
 import torch
 
@@ -21,33 +22,48 @@ from serve.engine.engine import Engine
 from serve.model_loading import load_model, resolve_model
 
 
-def main() -> None:
-    variant, batch = sys.argv[1], int(sys.argv[2])
-    pairs = int(sys.argv[3]) if len(sys.argv) > 3 else 6
+def engine_for(variant: str) -> tuple[Engine, Any]:
+    """An engine (not started) on the embedded model loaded as `variant` says ("bfloat16+int4"), and its tokenizer."""
     dtype, _, quantize = variant.partition("+")
     model, tok = on_own_thread(lambda: load_model(resolve_model("/nonexistent", None), getattr(torch, dtype),
                                                   quantize=quantize or None))
-    engine = Engine(model, tok, EngineConfig.from_model(model, prefix_cache_tokens=0))
-    own_decoder = engine.decoder
-    on_transformers_forward(engine)  # the packed copies the fused layers took, back for transformers' forward
-    engine.decoder = own_decoder
+    return Engine(model, tok, EngineConfig.from_model(model, prefix_cache_tokens=0)), tok
+
+
+def alternate(engine: Engine, pool: list[list[int]], forwards: dict[str, Any], pairs: int) -> dict[str, list[float]]:
+    """Time per output token of `pool` (32 tokens each) through each of two forwards (values for the
+    engine's `decoder`, which its thread reads per forward), in pairs whose order flips each time."""
+    names = list(forwards)
+    tpot: dict[str, list[float]] = {name: [] for name in names}
     engine.start()
-    engine.warmup()
-    pool = prompts(tok, batch)
-    tpot: dict[str, list[float]] = {"own": [], "transformers": []}
     try:
+        engine.warmup()
         for i in range(pairs):
-            for name in ("own", "transformers") if i % 2 == 0 else ("transformers", "own"):
-                engine.decoder = own_decoder if name == "own" else None  # read by the engine thread per forward
+            for name in names if i % 2 == 0 else names[::-1]:
+                engine.decoder = forwards[name]
                 tpot[name].append(run_engine(engine, pool, 32)["tpot_ms"])
     finally:
         engine.shutdown()
-    ratios = [t / o for o, t in zip(tpot["own"], tpot["transformers"], strict=True)]
-    print(f"{variant} B={batch}: TPOT ms own {[round(x, 1) for x in tpot['own']]}, "
-          f"transformers {[round(x, 1) for x in tpot['transformers']]}")
-    print(f"{variant} B={batch}: median TPOT own {statistics.median(tpot['own']):.1f} ms, transformers "
-          f"{statistics.median(tpot['transformers']):.1f} ms; transformers/own per pair: median "
+    return tpot
+
+
+def report(label: str, tpot: dict[str, list[float]]) -> None:
+    """Each run's time per token, and the per-pair ratios of the first forward's time to the second's."""
+    (a, first), (b, second) = tpot.items()
+    ratios = [x / y for x, y in zip(first, second, strict=True)]
+    print(f"{label}: TPOT ms {a} {[round(x, 1) for x in first]}, {b} {[round(x, 1) for x in second]}; median "
+          f"{statistics.median(first):.1f} -> {statistics.median(second):.1f} ms; {a}/{b} per pair: median "
           f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}")
+
+
+def main() -> None:
+    variant, batch = sys.argv[1], int(sys.argv[2])
+    pairs = int(sys.argv[3]) if len(sys.argv) > 3 else 6
+    engine, tok = engine_for(variant)
+    own = engine.decoder
+    on_transformers_forward(engine)  # the packed copies the fused layers took, back for transformers' forward
+    tpot = alternate(engine, prompts(tok, batch), {"transformers": None, "own": own}, pairs)
+    report(f"{variant} B={batch}", tpot)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,13 @@ Usage: `python -m bench.fuse_ab bfloat16+int4 1 [pairs]`.
 from __future__ import annotations
 
 import importlib.util
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from bench.engine_bench import on_own_thread, prompts, repack, run_engine
-from serve.engine.config import EngineConfig
-from serve.engine.engine import Engine
-from serve.model_loading import load_model, resolve_model
+from bench.engine_bench import prompts, repack
+from bench.forward_ab import alternate, engine_for, report
 
 BEFORE = "171bb81"  # the last commit whose decoder ran the seven projections one by one
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,29 +41,12 @@ def unfused_decoder_class() -> type:
 def main() -> None:
     variant, batch = sys.argv[1], int(sys.argv[2])
     pairs = int(sys.argv[3]) if len(sys.argv) > 3 else 6
-    dtype, _, quantize = variant.partition("+")
-    model, tok = on_own_thread(lambda: load_model(resolve_model("/nonexistent", None), getattr(torch, dtype),
-                                                  quantize=quantize or None))
-    engine = Engine(model, tok, EngineConfig.from_model(model, prefix_cache_tokens=0))
+    engine, tok = engine_for(variant)
     fused = engine.decoder
-    unfused = unfused_decoder_class()(model)
-    repack(model)
-    engine.start()
-    engine.warmup()
-    pool = prompts(tok, batch)
-    tpot: dict[str, list[float]] = {"unfused": [], "fused": []}
-    try:
-        for i in range(pairs):
-            for name in ("unfused", "fused") if i % 2 == 0 else ("fused", "unfused"):
-                engine.decoder = fused if name == "fused" else unfused  # read by the engine thread per forward
-                tpot[name].append(run_engine(engine, pool, 32)["tpot_ms"])
-    finally:
-        engine.shutdown()
-    ratios = [u / f for u, f in zip(tpot["unfused"], tpot["fused"], strict=True)]
-    print(f"{variant} B={batch}: TPOT ms unfused {[round(x, 1) for x in tpot['unfused']]}, "
-          f"fused {[round(x, 1) for x in tpot['fused']]}; median {statistics.median(tpot['unfused']):.1f} -> "
-          f"{statistics.median(tpot['fused']):.1f} ms; unfused/fused per pair: median {statistics.median(ratios):.2f}, "
-          f"range {min(ratios):.2f}-{max(ratios):.2f}")
+    unfused = unfused_decoder_class()(engine.model)
+    repack(engine.model)
+    tpot = alternate(engine, prompts(tok, batch), {"unfused": unfused, "fused": fused}, pairs)
+    report(f"{variant} B={batch}", tpot)
 
 
 if __name__ == "__main__":
