@@ -4,11 +4,12 @@ A decoder layer runs seven projections; three read the attention's input and two
 matmul over the concatenated weights computes the same outputs side by side, so a layer makes four
 kernel calls instead of seven (vLLM's QKVParallelLinear and MergedColumnParallelLinear do the
 same). That matters where a call's fixed cost is a large share of its time: small batches on a CPU,
-kernel launches on a GPU (SmolLM2 at one stream with int4 weights: ~9% of a decode step,
+kernel launches on a GPU (SmolLM2 on 2 CPU cores: 9-15% of a decode step in bf16, fp32 and int4,
 bench/results/fuse_ab_xeon.txt).
 
 Each output channel of a fused layer is computed by the same kernel from the same bytes as in its
-part, so the outputs are the same bits (tests/unit/test_fuse.py). No weight is kept twice: the
+part: the same bits with oneDNN's packed matmuls, int8 and int4; plain fp32 through MKL may sum in
+another order for another width, a few ulps (tests/unit/test_fuse.py). No weight is kept twice: the
 fused layer owns the concatenated tensors and each part reads its rows back as views, so the
 model's own forward (transformers') still runs on the parts. oneDNN's packed copies cannot be
 viewed: the fused layer packs the concatenated weight and the parts give theirs up (they multiply
@@ -41,23 +42,25 @@ def fuse(parts: Sequence[torch.nn.Module]) -> torch.nn.Module:
     their kind supports it (a plain `nn.Linear`, or a layer class with a `fuse` classmethod), else
     a `SideBySide` of them."""
     kind = type(parts[0])
-    biases = [getattr(part, "bias", None) for part in parts]
     fused = None
-    if any(type(part) is not kind or getattr(part, "in_features", None) != parts[0].in_features for part in parts):
-        fused = None
-    elif None in biases and any(b is not None for b in biases):
-        fused = None  # some biased, some not
-    elif kind is torch.nn.Linear:
-        fused = _fuse_linear(parts)
-    elif callable(fuse_parts := getattr(kind, "fuse", None)):
-        fused = fuse_parts(parts)
+    if _alike(parts):
+        if kind is torch.nn.Linear:
+            fused = _fuse_linear(parts)
+        elif callable(fuse_parts := getattr(kind, "fuse", None)):
+            fused = fuse_parts(parts)
     return fused if fused is not None else SideBySide(parts)
+
+
+def _alike(parts: Sequence[torch.nn.Module]) -> bool:
+    """One class, one input width, and a bias on all of them or on none."""
+    biased = {getattr(part, "bias", None) is not None for part in parts}
+    return len({(type(part), getattr(part, "in_features", None)) for part in parts}) == 1 and len(biased) == 1
 
 
 def _fuse_linear(parts: Sequence[Any]) -> torch.nn.Module | None:
     weights = [part.weight for part in parts]
-    if len({(w.dtype, w.device) for w in weights}) > 1:
-        return None
+    if len({(w.dtype, w.device) for w in weights}) > 1 or any(type(w.data) is not torch.Tensor for w in weights):
+        return None  # a quantizer's tensor subclass holds more than rows of numbers
     fused = torch.nn.Linear(parts[0].in_features, sum(w.shape[0] for w in weights), bias=parts[0].bias is not None,
                             device="meta")
     concat_channels(parts, fused, {"weight": 0})

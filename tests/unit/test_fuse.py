@@ -28,6 +28,10 @@ def storages(modules) -> dict[int, int]:
     return seen
 
 
+class Subclass(torch.Tensor):
+    """What a quantizer's weight looks like from outside: a tensor of another class."""
+
+
 def same(got: torch.Tensor, want: torch.Tensor, kind: str) -> None:
     """Bit for bit, except plain fp32, whose matmul (MKL's sgemm) may split a sum differently for
     another output width: there to the last bits."""
@@ -72,7 +76,10 @@ def test_layers_that_cannot_be_fused_run_side_by_side():
         "int4 rows that split the kernel's blocks": [Int4Linear(x) for x in linears((16, 48), dtype=torch.bfloat16)],
         "biased and not": [*linears((32,), bias=True, dtype=torch.bfloat16), *linears((32,), dtype=torch.bfloat16)],
         "two kinds": [Int8Linear(linears((32,), dtype=torch.bfloat16)[0]), *linears((32,), dtype=torch.bfloat16)],
+        "a quantizer's tensor subclass": linears((32, 32), dtype=torch.bfloat16),
     }
+    for part in cases["a quantizer's tensor subclass"]:
+        part.weight = torch.nn.Parameter(part.weight.detach().as_subclass(Subclass), requires_grad=False)
     for what, parts in cases.items():
         with torch.no_grad():
             want = torch.cat([p(x) for p in parts], dim=-1)
