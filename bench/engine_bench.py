@@ -101,7 +101,7 @@ def repack(model: torch.nn.Module) -> None:
     plain matmuls). Costs those copies' memory."""
     for module in model.modules():
         if isinstance(module, PackedLinear) and module.packed is None:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            module.repack()
 
 
 def on_transformers_forward(engine: Engine) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from serve.engine.config import available_ram_bytes
-from serve.engine.fuse import concat_channels
+from serve.engine.fuse import fused_like
 from serve.quantize import is_quantized
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,13 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter: tying, state_dict and `.weight` readers still work
         self.bias = linear.bias
-        self.packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.packed: torch.Tensor | None = None
+        self.repack()
+
+    def repack(self) -> None:
+        """(Re)build the packed copy from the plain weight: at load time, for a fused layer, and for a
+        part that gave its copy to one when something should run it packed again (benchmarks)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:  # its packed rows went to a fused layer, which the engine calls instead
@@ -52,12 +58,8 @@ class PackedLinear(torch.nn.Module):
         be shared as a view, so the parts give theirs up and keep only their plain weights (views of
         the fused layer's): the same memory as before; transformers' forward, which the engine no
         longer calls, then multiplies them unpacked."""
-        fused = cls.__new__(cls)
-        torch.nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
-        fused.bias = None
-        concat_channels(parts, fused, {"weight": 0})
-        fused.packed = torch.ops.mkldnn._reorder_linear_weight(fused.weight.detach())
+        fused: PackedLinear = fused_like(parts, {"weight": 0})
+        fused.repack()
         for part in parts:
             part.packed = None
         return fused

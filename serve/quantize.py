@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from serve.engine.fuse import concat_channels
+from serve.engine.fuse import fused_like
 
 # QUANTIZE=name -> the `quant_method`s of a checkpoint's quantization_config that it accepts.
 PREQUANTIZED = {
@@ -169,12 +169,7 @@ class WeightOnlyLinear(torch.nn.Module, abc.ABC):
     def fuse(cls, parts: Sequence[WeightOnlyLinear]) -> WeightOnlyLinear | None:
         """One layer whose output is the `parts`' outputs side by side (same input, same kind), bit for
         bit, or None (serve/engine/fuse.py calls it on parts of one kind, read from one input)."""
-        fused = cls.__new__(cls)
-        torch.nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
-        fused.bias = None
-        concat_channels(parts, fused, cls.CHANNEL_DIMS)
-        return fused
+        return fused_like(parts, cls.CHANNEL_DIMS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x.reshape(-1, self.in_features).contiguous())

@@ -70,7 +70,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     """Rotary embedding of [N, H, D] states (transformers' `apply_rotary_pos_emb`, halves layout).
 
     transformers multiplies `cat(-x2, x1)` by sin; `roll` gives `cat(x2, x1)` in one operation and
-    the sign moves onto sin's first half (`_signed`): the same products, to the bit, in 4 operations
+    the sign moves onto sin's first half (`_signed`): the same products, to the bit, in 4 calls
     instead of 7."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 

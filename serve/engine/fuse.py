@@ -61,9 +61,19 @@ def _fuse_linear(parts: Sequence[Any]) -> torch.nn.Module | None:
     weights = [part.weight for part in parts]
     if len({(w.dtype, w.device) for w in weights}) > 1 or any(type(w.data) is not torch.Tensor for w in weights):
         return None  # a quantizer's tensor subclass holds more than rows of numbers
-    fused = torch.nn.Linear(parts[0].in_features, sum(w.shape[0] for w in weights), bias=parts[0].bias is not None,
-                            device="meta")
-    concat_channels(parts, fused, {"weight": 0})
+    return fused_like(parts, {"weight": 0})
+
+
+def fused_like(parts: Sequence[Any], dims: dict[str, int]) -> Any:
+    """A layer of the parts' class (made without its constructor: nothing is computed from a float
+    weight) whose widths are theirs together and whose tensors are theirs concatenated
+    (`concat_channels`); the class's `fuse` adds what else it needs."""
+    kind: Any = type(parts[0])
+    fused = kind.__new__(kind)
+    torch.nn.Module.__init__(fused)
+    fused.in_features, fused.out_features = parts[0].in_features, sum(part.out_features for part in parts)
+    fused.bias = None
+    concat_channels(parts, fused, dims)
     return fused
 
 
