@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import pytest
 
-from serve.engine.grammar import Constraint, GrammarLimits, GrammarTooSlow, InvalidGrammar
+from serve.engine.grammar import Constraint, GrammarError, GrammarLimits, GrammarTooSlow, InvalidGrammar
 from serve.engine.grammar_gate import GrammarGate
 from serve.engine.grammar_pool import GrammarCompiler
 from tests.unit.grammar_helpers import SLOW, byte_tokenizer
@@ -37,7 +38,12 @@ def test_ready_requests_leave_in_arrival_order_and_failures_alone(compiler):
     gate = GrammarGate(woken.set)
     for name, constraint in [("a", Constraint.regex("[0-9]+")), ("bad", Constraint.regex("(")),
                              ("b", Constraint.json_object()), ("c", Constraint.regex("[0-9]+"))]:
-        gate.hold(name, compiler.submit(constraint))
+        pending = compiler.submit(constraint)
+        # Held once compiled: requests ready at the same release leave in arrival order (one that is
+        # ready earlier may leave first, see the next test; b's compile could otherwise trail c's)
+        with contextlib.suppress(GrammarError):
+            pending.wait()
+        gate.hold(name, pending)
     ready, failed = release_all(gate)
     assert [name for name, _ in ready] == ["a", "b", "c"]
     assert ready[0][1] is ready[2][1]  # one compiled grammar for equal constraints
