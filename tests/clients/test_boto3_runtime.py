@@ -89,7 +89,10 @@ def test_container_422_is_model_error_with_original_message(oai_runtime, gen_run
 
 def test_overlong_stream_raises_event_stream_error(oai_runtime):
     client = runtime_client(oai_runtime.url)
-    body = {"messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+    # An answer that runs to max_tokens (400 tokens, in fp32 and bf16 alike): 4 s or more on any CPU, so
+    # the 2 s limit cuts it on any machine. A counting prompt ended on EOS after 122 tokens, in under 2 s on a
+    # fast CI machine, and the stream then completed before the limit.
+    body = {"messages": [{"role": "user", "content": "Write a long essay about the history of the ocean, with many details."}],
             "max_tokens": 400, "temperature": 0, "stream": True}
     out = client.invoke_endpoint_with_response_stream(EndpointName="oai-slow", Body=json.dumps(body))
     received = []
