@@ -12,7 +12,7 @@ import pytest
 from botocore.exceptions import EventStreamError
 
 from deploy.streaming import iter_sse_json
-from tests.clients.conftest import PART_MODES, runtime_client
+from tests.clients.conftest import OVERLONG, PART_MODES, runtime_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120, func_only=True)]
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16,
@@ -89,11 +89,7 @@ def test_container_422_is_model_error_with_original_message(oai_runtime, gen_run
 
 def test_overlong_stream_raises_event_stream_error(oai_runtime):
     client = runtime_client(oai_runtime.url)
-    # An answer that runs to max_tokens (400 tokens, in fp32 and bf16 alike): 4 s or more on any CPU, so
-    # the 2 s limit cuts it on any machine. A counting prompt ended on EOS after 122 tokens, in under 2 s on a
-    # fast CI machine, and the stream then completed before the limit.
-    body = {"messages": [{"role": "user", "content": "Write a long essay about the history of the ocean, with many details."}],
-            "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {**OVERLONG, "stream": True}
     out = client.invoke_endpoint_with_response_stream(EndpointName="oai-slow", Body=json.dumps(body))
     received = []
     with pytest.raises(EventStreamError, match="ModelStreamError") as err:

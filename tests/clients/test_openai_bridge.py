@@ -14,7 +14,7 @@ from deploy.openai_bridge import (
     container_http_client,
     sagemaker_http_client,
 )
-from tests.clients.conftest import CREDENTIALS, REGION
+from tests.clients.conftest import CREDENTIALS, OVERLONG, REGION
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150, func_only=True)]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -82,8 +82,7 @@ def test_openai_errors_keep_their_status(oai_runtime):
         client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=50)
     with pytest.raises(openai.APIError, match="allotted time"):  # ModelStreamError mid-stream
         stream = sagemaker_openai(oai_runtime, "oai-slow").chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Count from 1 to 1000."}], max_tokens=400,
-            temperature=0, stream=True)
+            model="m", **OVERLONG, stream=True)
         for _ in stream:
             pass
     with pytest.raises(openai.BadRequestError, match="not found"):  # ValidationError: unknown endpoint
