@@ -28,6 +28,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = ROOT / "container" / "serve"
+# logit_bias that bans SmolLM2's <|endoftext|> and <|im_end|>: a test that needs a stream to last (to hold
+# a slot, to be cut by a time limit) cannot count on the model rambling, which a fast machine finishes early.
+NO_EOS = {"0": -100, "2": -100}
 DEFAULT_READY_TIMEOUT = 240.0  # SmolLM2 loads in 10-60 s depending on how busy the machine is
 
 

@@ -21,15 +21,15 @@ import pytest
 from botocore.config import Config
 
 from deploy.local_endpoint import EndpointConfig, LocalRuntime, RuntimeConfig
-from tests.server import Server
+from tests.server import NO_EOS, Server
 
 REGION = "us-east-1"
 PART_MODES = ("", "-7", "-regroup")
-# A chat whose greedy answer runs to max_tokens=400 (an essay, in fp32 and bf16 alike): 4 s or more on any CPU,
-# so the NAME-slow endpoints' 2 s limit always cuts it. A counting prompt stopped on EOS after 122 tokens,
-# within 2 s on a fast CI machine, and its stream completed before the limit.
-OVERLONG = {"messages": [{"role": "user", "content": "Write a long essay about the history of the ocean, with many details."}],
-            "max_tokens": 400, "temperature": 0}
+# A chat that always runs to max_tokens=400 (EOS banned): 4 s or more on any CPU, so the NAME-slow
+# endpoints' 2 s limit always cuts it. A counting prompt stopped on EOS after 122 tokens, within 2 s on a
+# fast CI machine, and its stream completed before the limit.
+OVERLONG = {"messages": [{"role": "user", "content": "Write a long essay about the history of the ocean."}],
+            "max_tokens": 400, "temperature": 0, "logit_bias": NO_EOS}
 # Fake credentials: the local runtime does not check signatures, but every client signs with SigV4.
 CREDENTIALS = {"aws_access_key_id": "AKIDLOCALRUNTIME", "aws_secret_access_key": "local-runtime-secret"}
 

@@ -9,6 +9,8 @@ import time
 import pytest
 import requests
 
+from tests.server import NO_EOS
+
 pytestmark = pytest.mark.slow
 T = 120
 Q = [{"role": "user", "content": "What is the capital of France?"}]
@@ -167,7 +169,7 @@ def test_text_parts_and_system_messages(openai_server):
 
 def test_overloaded_answers_429(openai_server):
     """MAX_CONCURRENT_REQUESTS=6 on this server: the 7th concurrent request is refused at the door."""
-    streams = [chat(openai_server, stream=True, max_tokens=200, stop=["never-stop"]) for _ in range(6)]
+    streams = [chat(openai_server, stream=True, max_tokens=200, logit_bias=NO_EOS) for _ in range(6)]
     try:
         r = chat(openai_server)
         assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"

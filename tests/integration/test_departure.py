@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server import running_server
+from tests.server import NO_EOS, running_server
 
 pytestmark = pytest.mark.slow
 SLOTS = 4
-NO_EOS = {"0": -100, "2": -100}  # SmolLM2's <|endoftext|> and <|im_end|>
 LONG = {"messages": [{"role": "user", "content": "Tell a very long story about a lighthouse."}],
         "max_tokens": 3000, "logit_bias": NO_EOS}
 SHORT = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}

@@ -16,12 +16,11 @@ import time
 import pytest
 import requests
 
-from tests.server import running_server
+from tests.server import NO_EOS, running_server
 
 pytestmark = pytest.mark.slow
 GRACEFUL = 20
 T = 120
-NO_EOS = {"0": -100, "2": -100}  # SmolLM2's <|endoftext|> and <|im_end|>
 
 
 def chat(server, i: int, stream: bool, max_tokens: int, results: list, started: threading.Event) -> None:
