@@ -12,6 +12,11 @@ the embedded Q4_1 GGUF itself, the strongest CPU peer. It is built once from the
 sdist, which vendors llama.cpp, into `.cache/llama.cpp/` (cmake and ninja; ~7 min on 2 cores), for
 the instruction sets /proc/cpuinfo lists, and is not part of CI. `--dtype auto` runs our server with DTYPE unset (what it picks for the machine).
 `ours-int8` and `ours-int4` are our server with QUANTIZE=int8 / int4 (weight-only, computing in bf16).
+Any of the three with `+unpinned` (`ours+unpinned`, ...) runs with OMP_PROC_BIND=false, its OpenMP team
+not pinned to cores: `--targets ours ours+unpinned` is that A/B, the two alternating in every round.
+For our targets each level also reports where the worker's CPU went (`cpu_share_http`: the gevent
+hub's thread, which parses, serializes and writes every request; `cpu_share_engine`: the engine's
+thread and its OpenMP team), in cores: on 2 cores, whether HTTP work competes with the forward.
 
 `ours-json` is our server with every request constrained by `response_format` (a JSON schema
 whose shortest answer is longer than `--max-tokens`, so constrained streams run their full length
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import requests
 
+from bench.load import worker_pid
 from serve.model_loading import EMBEDDED_GGUF, embedded_model_dir, load_model, resolve_model
 from tests.server import free_port, running_server
 
@@ -65,6 +71,18 @@ class Target:
     name: str
     url: str  # the full chat URL
     extra: dict = field(default_factory=dict)  # body fields this target needs (e.g. `model`)
+    worker: int | None = None  # our gunicorn worker's pid: its threads' CPU time is reported per level
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of `pid`, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def stream_chat(target: Target, prompt: str, max_tokens: int, timeout: float) -> Sample:
@@ -109,13 +127,19 @@ def run_level(target: Target, concurrency: int, rounds: int, max_tokens: int, ti
                     errors.append(repr(exc))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    cpu_before = thread_cpu(target.worker) if target.worker else {}
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout * rounds + 30)
     wall = time.perf_counter() - start
-    return summarize(samples, errors, wall)
+    row = summarize(samples, errors, wall)
+    if target.worker:  # the gevent hub (HTTP, JSON, SSE) is the main thread; the engine and its OpenMP team the rest
+        used = {tid: cpu - cpu_before.get(tid, 0.0) for tid, cpu in thread_cpu(target.worker).items()}
+        row["cpu_share_http"] = used.pop(target.worker, 0.0) / wall
+        row["cpu_share_engine"] = sum(used.values()) / wall
+    return row
 
 
 def pct(values: list[float], q: float) -> float:
@@ -157,12 +181,14 @@ def converted_model_dir() -> str:
 
 
 @contextlib.contextmanager
-def ours(dtype: str, quantize: str | None = None) -> Iterator[Target]:
+def ours(name: str, dtype: str, quantize: str | None = None, pinned: bool = True) -> Iterator[Target]:
     env = {"OAI_ENABLED": "true", "HF_MODEL_ID": converted_model_dir(), **({} if dtype == "auto" else {"DTYPE": dtype})}
     if quantize:  # its kernels compute in bf16, which QUANTIZE picks when DTYPE is unset
         env = {k: v for k, v in env.items() if k != "DTYPE"} | {"QUANTIZE": quantize}
+    if not pinned:
+        env["OMP_PROC_BIND"] = "false"
     with running_server(env) as srv:
-        yield Target(f"ours-{quantize}" if quantize else "ours", srv.invocations)
+        yield Target(name, srv.invocations, worker=worker_pid(srv))
 
 
 LLAMA_CPP = CONVERTED.parent / "llama.cpp"
@@ -282,10 +308,9 @@ def structured_ratios(runs: dict) -> dict[int, list[float]]:
 
 
 def start(name: str, dtype: str):
-    if name == "ours":
-        return ours(dtype)
-    if name in ("ours-int8", "ours-int4"):
-        return ours(dtype, quantize=name.removeprefix("ours-"))
+    base, _, unpinned = name.partition("+")
+    if base in ("ours", "ours-int8", "ours-int4") and unpinned in ("", "unpinned"):
+        return ours(name, dtype, quantize=base.removeprefix("ours").removeprefix("-") or None, pinned=not unpinned)
     if name == "llama-server":
         return llama_server()
     return transformers_serve(dtype, continuous_batching=(name == "transformers-cb"))
@@ -315,7 +340,7 @@ def main() -> None:
                 stream_chat(target, "Warm up.", 8, args.timeout)
                 variants = [target]
                 if name == "ours" and "ours-json" in args.targets:  # same server, level by level
-                    variants = [Target("ours-json", target.url, STRUCTURED)] + (
+                    variants = [Target("ours-json", target.url, STRUCTURED, target.worker)] + (
                         [target] if "ours" in args.targets else [])
                 used = 0
                 for c in args.concurrency:
