@@ -13,6 +13,8 @@ adds ~1 µs per call.
 `--kernels` first times the model's linear layers alone, every layer's matmuls back to back on the
 same shapes and weights as one decode step, and reports the rate at which they read the weights:
 set against the machine's memory bandwidth, it says whether the matmuls or the rest bound a step.
+Then one small operator in three settings: an RMSNorm of the step's rows back to back, right after a
+matmul, and after 1 ms idle, which is how much slower the small calls run between the big ones.
 """
 
 from __future__ import annotations
@@ -88,6 +90,32 @@ def kernel_rate(model: torch.nn.Module, rows: int, dtype: torch.dtype) -> str:
             f"of weights, {total / best / 1e9:.1f} GB/s")
 
 
+def norm_context(model: torch.nn.Module, rows: int, dtype: torch.dtype) -> str:
+    """Mean µs of one RMSNorm of `rows` rows: back to back, right after a matmul, after 1 ms idle."""
+    engine_decoder = decoder.Decoder.of(model)
+    assert engine_decoder is not None, "bench.step_split measures the engine's own forward"
+    layer = engine_decoder.layers[0]
+    x = torch.randn(rows, layer.down.in_features, dtype=dtype)
+    h = torch.randn(rows, layer.down.out_features, dtype=dtype)
+
+    def mean_us(before: Callable[[], Any], count: int) -> float:
+        spent = 0.0
+        for _ in range(count):
+            before()
+            start = time.perf_counter()
+            decoder._rms_norm(layer.norm_in, h)
+            spent += time.perf_counter() - start
+        return spent / count * 1e6
+
+    with torch.inference_mode():
+        mean_us(lambda: None, 200)
+        alone = mean_us(lambda: None, 1000)
+        after_matmul = mean_us(lambda: layer.down(x), 300)
+        after_idle = mean_us(lambda: time.sleep(0.001), 300)
+    return (f"one RMSNorm of {rows} rows: {alone:.0f} µs back to back, {after_matmul:.0f} µs after a matmul, "
+            f"{after_idle:.0f} µs after 1 ms idle")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variant", help="dtype, optionally +QUANTIZE: float32, bfloat16, bfloat16+int4, ...")
@@ -100,6 +128,7 @@ def main() -> None:
                                                         quantize=method or None))
     if args.kernels:
         print(on_own_thread(kernel_rate, model, args.rows, dtype), flush=True)
+        print(on_own_thread(norm_context, model, args.rows, dtype), flush=True)
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for owner, name in MATMULS:
