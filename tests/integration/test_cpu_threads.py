@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.http_bench import thread_cpu
 from bench.load import worker_pid
 from tests.server import NO_EOS, running_server
 
@@ -21,29 +22,31 @@ CHAT = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_toke
         "logit_bias": NO_EOS}
 
 
-def threads(pid: int) -> dict[int, tuple[set[int], float]]:
-    """Each thread of `pid`: (the CPUs it may run on, its CPU seconds so far)."""
+def affinities(pid: int) -> dict[int, set[int]]:
+    """The CPUs each thread of `pid` may run on, by thread id."""
     out = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
-        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        status = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
         cpus: set[int] = set()
         for part in status["Cpus_allowed_list"].strip().split(","):
             first, _, last = part.partition("-")
             cpus.update(range(int(first), int(last or first) + 1))
-        stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        out[int(task.name)] = (cpus, (int(stat[11]) + int(stat[12])) / tick)
+        out[int(task.name)] = cpus
     return out
 
 
 def busiest_during_a_generation(server) -> tuple[int, dict[int, tuple[set[int], float]]]:
-    """(the worker's pid, its threads after a 32-token generation, CPU seconds counting that generation only)."""
+    """(the worker's pid, each of its threads' CPUs and CPU seconds spent on one 32-token generation)."""
     pid = worker_pid(server)
-    before = threads(pid)
+    before = thread_cpu(pid)
     r = requests.post(server.invocations, json=CHAT, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32, r.text
-    after = threads(pid)
-    return pid, {tid: (cpus, used - before.get(tid, (cpus, 0.0))[1]) for tid, (cpus, used) in after.items()}
+    used = {tid: cpu - before.get(tid, 0.0) for tid, cpu in thread_cpu(pid).items()}
+    return pid, {tid: (cpus, used.get(tid, 0.0)) for tid, cpus in affinities(pid).items()}
 
 
 def test_engine_team_is_pinned_one_thread_per_core_and_the_hub_is_not(openai_server):
