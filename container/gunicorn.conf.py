@@ -31,8 +31,8 @@ for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
 # On a machine without GPUs the engine's forward is OpenMP work: pin it one thread per core, the engine
 # thread (which leads the team) on the first core and its workers on the next ones, as vLLM's CPU
 # backend does. Unpinned, the scheduler moves them (and the caches they warmed) between cores under the
-# gevent hub's bursts; pinned, 16 streams served 1.02-1.20x the tokens/s (5 of 6 alternating pairs) and one
-# int4 stream's time per token fell by a median 8% (README, "Performance"). Only the team is pinned: the
+# gevent hub's bursts; pinned, 16 streams served 1.02-1.20x the tokens/s in 5 of 6 alternating pairs, and
+# one int4 stream's time per token was a median 1.08x higher unpinned (README, "Benchmarks"). Only the team is pinned: the
 # hub and every other thread still run on any core. OMP_PROC_BIND=false turns it off, e.g. for several
 # servers sharing one machine's cores. libgomp reads these when torch loads, in the worker.
 if not glob.glob("/dev/nvidia[0-9]*"):
