@@ -29,9 +29,10 @@ _settings = Settings.from_env()
 for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_cache, "16")
 # On a machine without GPUs the engine's forward is OpenMP work: pin it one thread per core, the engine
-# thread (which leads the team) on the first core and its workers on the next ones, as vLLM's CPU
-# backend does (unpinned, the scheduler may move them between cores, away from the caches they warmed). Pinned, 16 streams served 1.02-1.20x the tokens/s in 5 of 6 alternating pairs, and
-# one int4 stream's time per token was a median 1.08x higher unpinned (README, "Benchmarks"). Only the team is pinned: the
+# thread (which leads the team) on the first core and its workers on the next ones, as vLLM's CPU backend
+# does (unpinned, the scheduler may move them between cores, away from the caches they warmed). Pinned,
+# 16 streams served 1.02-1.20x the tokens/s in 5 of 6 alternating pairs, and one int4 stream's time per
+# token was a median 1.08x higher unpinned (README, "Benchmarks"). Only the team is pinned: the gevent
 # hub and every other thread still run on any core. OMP_PROC_BIND=false turns it off, e.g. for several
 # servers sharing one machine's cores. libgomp reads these when torch loads, in the worker.
 if not glob.glob("/dev/nvidia[0-9]*"):
