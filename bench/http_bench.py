@@ -307,10 +307,13 @@ def structured_ratios(runs: dict) -> dict[int, list[float]]:
     return {c: pairs for c, pairs in out.items() if pairs}
 
 
+OURS = {"ours": None, "ours-int8": "int8", "ours-int4": "int4"}  # our targets and their QUANTIZE
+
+
 def start(name: str, dtype: str):
     base, _, unpinned = name.partition("+")
-    if base in ("ours", "ours-int8", "ours-int4") and unpinned in ("", "unpinned"):
-        return ours(name, dtype, quantize=base.removeprefix("ours").removeprefix("-") or None, pinned=not unpinned)
+    if base in OURS and unpinned in ("", "unpinned"):
+        return ours(name, dtype, quantize=OURS[base], pinned=not unpinned)
     if name == "llama-server":
         return llama_server()
     return transformers_serve(dtype, continuous_batching=(name == "transformers-cb"))

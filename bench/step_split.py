@@ -56,12 +56,10 @@ def timed(owner: Any, name: str, label: str, spent: dict[str, float], calls: dic
     setattr(owner, name, wrapper)
 
 
-def linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+def linears(forward: decoder.Decoder) -> list[torch.nn.Module]:
     """The layers one decode step multiplies by: the fused ones the engine's forward calls, and lm_head."""
-    engine_decoder = decoder.Decoder.of(model)
-    assert engine_decoder is not None, "bench.step_split measures the engine's own forward"
-    layers = [m for layer in engine_decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    layers.append(engine_decoder.head)
+    layers = [m for layer in forward.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    layers.append(forward.head)
     return [part for layer in layers for part in getattr(layer, "parts", [layer])]  # a SideBySide's own layers
 
 
@@ -73,9 +71,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def kernel_rate(model: torch.nn.Module, rows: int, dtype: torch.dtype) -> str:
+def kernel_rate(forward: decoder.Decoder, rows: int, dtype: torch.dtype) -> str:
     """The linear layers of one decode step alone, back to back: median ms and GB/s of weights read."""
-    layers = linears(model)
+    layers = linears(forward)
     inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {layer.in_features for layer in layers}}
     total = sum(weight_bytes(layer) for layer in layers)
     times = []
@@ -90,11 +88,9 @@ def kernel_rate(model: torch.nn.Module, rows: int, dtype: torch.dtype) -> str:
             f"of weights, {total / best / 1e9:.1f} GB/s")
 
 
-def norm_context(model: torch.nn.Module, rows: int, dtype: torch.dtype) -> str:
+def norm_context(forward: decoder.Decoder, rows: int, dtype: torch.dtype) -> str:
     """Mean µs of one RMSNorm of `rows` rows: back to back, right after a matmul, after 1 ms idle."""
-    engine_decoder = decoder.Decoder.of(model)
-    assert engine_decoder is not None, "bench.step_split measures the engine's own forward"
-    layer = engine_decoder.layers[0]
+    layer = forward.layers[0]
     x = torch.randn(rows, layer.down.in_features, dtype=dtype)
     h = torch.randn(rows, layer.down.out_features, dtype=dtype)
 
@@ -126,16 +122,17 @@ def main() -> None:
     dtype = getattr(torch, dtype_name)
     model, tokenizer = on_own_thread(lambda: load_model(resolve_model("/nonexistent", None), dtype,
                                                         quantize=method or None))
-    if args.kernels:
-        print(on_own_thread(kernel_rate, model, args.rows, dtype), flush=True)
-        print(on_own_thread(norm_context, model, args.rows, dtype), flush=True)
+    engine = Engine(model, tokenizer, EngineConfig.from_model(model, prefix_cache_tokens=0))
+    assert engine.decoder is not None, "bench.step_split measures the engine's own forward (serve/engine/decoder.py)"
+    if args.kernels:  # before the timers go in, on the layers the engine's forward calls
+        print(on_own_thread(kernel_rate, engine.decoder, args.rows, dtype), flush=True)
+        print(on_own_thread(norm_context, engine.decoder, args.rows, dtype), flush=True)
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for owner, name in MATMULS:
         timed(owner, name, "matmuls", spent, calls)
     for owner, name, label in PARTS:
         timed(owner, name, label, spent, calls)
-    engine = Engine(model, tokenizer, EngineConfig.from_model(model, prefix_cache_tokens=0))
     timed(engine, "forward_model", "forward", spent, calls)
     engine.start()
     engine.warmup()
